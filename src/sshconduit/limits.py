@@ -1,0 +1,18 @@
+"""Every limit a peer can push on, in one place."""
+
+MAX_VERSION_LINE = 255  # RFC 4253 4.2, including CR LF
+MAX_PRE_VERSION_LINES = 1024  # banner lines a server may send before its version line
+MAX_PRE_VERSION_BYTES = 64 * 1024
+MAX_PACKET_LENGTH = 256 * 1024 + 1024  # the packet_length field; OpenSSH allows 256 KiB
+MAX_PAYLOAD_WE_SEND = 32 * 1024 + 1024  # payloads we build stay within what every peer must accept
+
+DEFAULT_REKEY_BYTES = 1 << 30  # rekey after 1 GiB in either direction
+MAX_KEX_INIT_WAIT_PACKETS = 64  # non-kex packets we hold back while a rekey runs before complaining
+
+MAX_AUTH_ATTEMPTS = 6  # sshd's MaxAuthTries default
+LOGIN_GRACE_TIME = 120.0  # seconds before auth must succeed
+
+MAX_CHANNELS = 20000  # channels a peer may have open on one connection
+DEFAULT_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_TCP_WINDOW_DEFAULT
+DEFAULT_MAX_PACKET = 32 * 1024  # OpenSSH's CHAN_TCP_PACKET_DEFAULT
+MAX_WINDOW = (1 << 32) - 1

@@ -1,0 +1,463 @@
+"""Message numbers and one codec per message (RFC 4250-4254), nothing else.
+
+Each message is a frozen dataclass whose annotated fields, in order, are its wire layout; the field types below
+name the SSH data type. ``encode()`` gives the payload, ``decode_message(payload)`` the object. Method-specific
+tails (channel-open data, request data, auth method data) are a trailing ``Rest`` field that the layer above
+decodes with the small codecs at the end of this file. Key-exchange messages 30-49 mean different things per
+kex method, so they are not in the dispatch table: the kex method decodes them with ``decode_as``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
+
+from . import wire
+from .errors import ProtocolError
+from .wire import Reader, pack_u32
+
+Byte = Annotated[int, "byte"]
+Bool = Annotated[bool, "boolean"]
+U32 = Annotated[int, "uint32"]
+U64 = Annotated[int, "uint64"]
+Str = Annotated[bytes, "string"]
+Text = Annotated[str, "text"]
+NameList = Annotated[tuple[str, ...], "name_list"]
+MPInt = Annotated[int, "mpint"]
+Cookie = Annotated[bytes, "cookie"]  # 16 raw bytes
+Rest = Annotated[bytes, "rest"]  # everything left in the payload
+
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "byte": wire.byte,
+    "boolean": wire.boolean,
+    "uint32": pack_u32,
+    "uint64": wire.pack_u64,
+    "string": wire.string,
+    "text": wire.string,
+    "name_list": wire.name_list,
+    "mpint": wire.mpint,
+    "cookie": bytes,
+    "rest": bytes,
+}
+_DECODERS: dict[str, Callable[[Reader], Any]] = {
+    "byte": Reader.byte,
+    "boolean": Reader.boolean,
+    "uint32": Reader.uint32,
+    "uint64": Reader.uint64,
+    "string": Reader.string,
+    "text": Reader.text,
+    "name_list": Reader.name_list,
+    "mpint": Reader.mpint,
+    "cookie": lambda r: r.raw(16),
+    "rest": Reader.rest,
+}
+
+_BY_ID: dict[int, type[Message]] = {}
+
+
+class Message:
+    """Base of every message; subclasses are made dataclasses with their codec compiled once."""
+
+    ID: ClassVar[int] = 0
+    _fields: ClassVar[tuple[tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]], ...]] = ()
+
+    def __init_subclass__(cls, msg_id: int, dispatch: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.ID = msg_id
+        dataclasses.dataclass(frozen=True, slots=False)(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        cls._fields = tuple(
+            (f.name, _ENCODERS[hints[f.name].__metadata__[0]], _DECODERS[hints[f.name].__metadata__[0]])
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        )
+        if dispatch:
+            _BY_ID[msg_id] = cls
+
+    def encode(self) -> bytes:
+        return bytes((self.ID,)) + b"".join(enc(getattr(self, name)) for name, enc, _ in self._fields)
+
+    @classmethod
+    def decode_body(cls, reader: Reader) -> Message:
+        values = [dec(reader) for _, _, dec in cls._fields]
+        reader.expect_end()
+        return cls(*values)
+
+
+def decode_as(cls: type[Message], payload: bytes | memoryview) -> Any:
+    """Decode ``payload`` (message number included) as ``cls``."""
+    if not payload or payload[0] != cls.ID:
+        raise ProtocolError(f"expected message {cls.ID}")
+    return cls.decode_body(Reader(payload, 1))
+
+
+def decode_message(payload: bytes | memoryview) -> Message:
+    """Decode any message in the dispatch table; an unknown number raises KeyError for UNIMPLEMENTED."""
+    if not payload:
+        raise ProtocolError("empty payload")
+    return _BY_ID[payload[0]].decode_body(Reader(payload, 1))
+
+
+# --- transport layer generic (RFC 4253) ---
+
+
+class Disconnect(Message, msg_id=1):
+    reason: U32
+    description: Text
+    language: Text = ""
+
+
+class Ignore(Message, msg_id=2):
+    data: Str = b""
+
+
+class Unimplemented(Message, msg_id=3):
+    sequence: U32
+
+
+class Debug(Message, msg_id=4):
+    always_display: Bool
+    message: Text
+    language: Text = ""
+
+
+class ServiceRequest(Message, msg_id=5):
+    service: Text
+
+
+class ServiceAccept(Message, msg_id=6):
+    service: Text
+
+
+class ExtInfo(Message, msg_id=7):
+    """RFC 8308: a count then name/value pairs; kept raw in ``data`` and read with ext_info_pairs()."""
+
+    data: Rest
+
+    @classmethod
+    def from_pairs(cls, pairs: dict[str, bytes]) -> ExtInfo:
+        body = b"".join(wire.string(k) + wire.string(v) for k, v in pairs.items())
+        return cls(pack_u32(len(pairs)) + body)
+
+    def pairs(self) -> dict[str, bytes]:
+        reader = Reader(self.data)
+        count = reader.uint32()
+        if count > 64:
+            raise ProtocolError("too many extensions")
+        return {reader.text(): reader.string() for _ in range(count)}
+
+
+# --- key exchange (RFC 4253 7) ---
+
+
+class KexInit(Message, msg_id=20):
+    cookie: Cookie
+    kex_algorithms: NameList
+    server_host_key_algorithms: NameList
+    ciphers_c2s: NameList
+    ciphers_s2c: NameList
+    macs_c2s: NameList
+    macs_s2c: NameList
+    compression_c2s: NameList
+    compression_s2c: NameList
+    languages_c2s: NameList
+    languages_s2c: NameList
+    first_kex_packet_follows: Bool
+    reserved: U32 = 0
+
+
+class NewKeys(Message, msg_id=21):
+    pass
+
+
+class KexEcdhInit(Message, msg_id=30, dispatch=False):
+    """Also curve25519, sntrup/mlkem hybrids: the client's public value as a string."""
+
+    client_public: Str
+
+
+class KexEcdhReply(Message, msg_id=31, dispatch=False):
+    host_key: Str
+    server_public: Str
+    signature: Str
+
+
+class KexdhInit(Message, msg_id=30, dispatch=False):
+    e: MPInt
+
+
+class KexdhReply(Message, msg_id=31, dispatch=False):
+    host_key: Str
+    f: MPInt
+    signature: Str
+
+
+# --- user authentication (RFC 4252) ---
+
+
+class UserauthRequest(Message, msg_id=50):
+    user: Text
+    service: Text
+    method: Text
+    method_data: Rest = b""
+
+
+class UserauthFailure(Message, msg_id=51):
+    methods: NameList
+    partial_success: Bool = False
+
+
+class UserauthSuccess(Message, msg_id=52):
+    pass
+
+
+class UserauthBanner(Message, msg_id=53):
+    message: Text
+    language: Text = ""
+
+
+class UserauthPkOk(Message, msg_id=60, dispatch=False):
+    algorithm: Text
+    key_blob: Str
+
+
+class UserauthInfoRequest(Message, msg_id=60, dispatch=False):
+    """RFC 4256; prompts follow as (text prompt, bool echo) pairs in ``prompts_data``."""
+
+    name: Text
+    instruction: Text
+    language: Text
+    prompts_data: Rest
+
+    @classmethod
+    def build(cls, name: str, instruction: str, prompts: list[tuple[str, bool]]) -> UserauthInfoRequest:
+        body = b"".join(wire.string(p) + wire.boolean(echo) for p, echo in prompts)
+        return cls(name, instruction, "", pack_u32(len(prompts)) + body)
+
+    def prompts(self) -> list[tuple[str, bool]]:
+        reader = Reader(self.prompts_data)
+        count = reader.uint32()
+        if count > 64:
+            raise ProtocolError("too many prompts")
+        return [(reader.text(), reader.boolean()) for _ in range(count)]
+
+
+class UserauthInfoResponse(Message, msg_id=61):
+    responses_data: Rest
+
+    @classmethod
+    def build(cls, responses: list[str]) -> UserauthInfoResponse:
+        return cls(pack_u32(len(responses)) + b"".join(wire.string(r) for r in responses))
+
+    def responses(self) -> list[str]:
+        reader = Reader(self.responses_data)
+        count = reader.uint32()
+        if count > 64:
+            raise ProtocolError("too many responses")
+        return [reader.text() for _ in range(count)]
+
+
+# --- connection protocol (RFC 4254) ---
+
+
+class GlobalRequest(Message, msg_id=80):
+    name: Text
+    want_reply: Bool
+    request_data: Rest = b""
+
+
+class RequestSuccess(Message, msg_id=81):
+    response_data: Rest = b""
+
+
+class RequestFailure(Message, msg_id=82):
+    pass
+
+
+class ChannelOpen(Message, msg_id=90):
+    channel_type: Text
+    sender_channel: U32
+    initial_window: U32
+    max_packet: U32
+    type_data: Rest = b""
+
+
+class ChannelOpenConfirmation(Message, msg_id=91):
+    recipient_channel: U32
+    sender_channel: U32
+    initial_window: U32
+    max_packet: U32
+    type_data: Rest = b""
+
+
+class ChannelOpenFailure(Message, msg_id=92):
+    recipient_channel: U32
+    reason: U32
+    description: Text
+    language: Text = ""
+
+
+class ChannelWindowAdjust(Message, msg_id=93):
+    recipient_channel: U32
+    bytes_to_add: U32
+
+
+class ChannelData(Message, msg_id=94):
+    recipient_channel: U32
+    data: Str
+
+
+class ChannelExtendedData(Message, msg_id=95):
+    recipient_channel: U32
+    data_type: U32
+    data: Str
+
+
+class ChannelEof(Message, msg_id=96):
+    recipient_channel: U32
+
+
+class ChannelClose(Message, msg_id=97):
+    recipient_channel: U32
+
+
+class ChannelRequest(Message, msg_id=98):
+    recipient_channel: U32
+    request_type: Text
+    want_reply: Bool
+    request_data: Rest = b""
+
+
+class ChannelSuccess(Message, msg_id=99):
+    recipient_channel: U32
+
+
+class ChannelFailure(Message, msg_id=100):
+    recipient_channel: U32
+
+
+def channel_data_header(recipient: int, length: int) -> bytes:
+    """The CHANNEL_DATA payload minus the data itself, so the hot path joins header and data once."""
+    return b"\x5e" + pack_u32(recipient) + pack_u32(length)
+
+
+# --- method-specific tails, decoded by the layer that owns them ---
+
+
+class _Tail:
+    """Like Message but for a tail inside another message: no number, no dispatch."""
+
+    _fields: ClassVar[tuple[tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True)(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        cls._fields = tuple(
+            (f.name, _ENCODERS[hints[f.name].__metadata__[0]], _DECODERS[hints[f.name].__metadata__[0]])
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        )
+
+    def encode(self) -> bytes:
+        return b"".join(enc(getattr(self, name)) for name, enc, _ in self._fields)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Any:
+        reader = Reader(data)
+        values = [dec(reader) for _, _, dec in cls._fields]
+        reader.expect_end()
+        return cls(*values)
+
+
+class DirectTcpip(_Tail):
+    """CHANNEL_OPEN "direct-tcpip" and "forwarded-tcpip" (RFC 4254 7.1, 7.2)."""
+
+    host: Text
+    port: U32
+    originator_host: Text
+    originator_port: U32
+
+
+class DirectStreamlocal(_Tail):
+    """CHANNEL_OPEN "direct-streamlocal@openssh.com" (OpenSSH PROTOCOL 2.4)."""
+
+    socket_path: Text
+    reserved_host: Text = ""
+    reserved_port: U32 = 0
+
+
+class ForwardedStreamlocal(_Tail):
+    socket_path: Text
+    reserved: Text = ""
+
+
+class TcpipForward(_Tail):
+    """GLOBAL_REQUEST "tcpip-forward" / "cancel-tcpip-forward"."""
+
+    address: Text
+    port: U32
+
+
+class StreamlocalForward(_Tail):
+    socket_path: Text
+
+
+class PtyReq(_Tail):
+    term: Text
+    columns: U32
+    rows: U32
+    width_px: U32
+    height_px: U32
+    modes: Str
+
+
+class WindowChange(_Tail):
+    columns: U32
+    rows: U32
+    width_px: U32
+    height_px: U32
+
+
+class ExecReq(_Tail):
+    command: Str
+
+
+class EnvReq(_Tail):
+    name: Text
+    value: Text
+
+
+class ExitStatus(_Tail):
+    status: U32
+
+
+class ExitSignal(_Tail):
+    signal: Text
+    core_dumped: Bool
+    message: Text
+    language: Text = ""
+
+
+class SignalReq(_Tail):
+    signal: Text
+
+
+class PublickeyAuth(_Tail):
+    """USERAUTH_REQUEST "publickey" method data; the signature is present iff has_signature."""
+
+    has_signature: Bool
+    algorithm: Text
+    key_blob: Str
+    signature_data: Rest = b""
+
+
+class PasswordAuth(_Tail):
+    change: Bool
+    password: Text
+    new_password_data: Rest = b""
+
+
+class KbdInteractiveAuth(_Tail):
+    language: Text
+    submethods: Text
