@@ -16,3 +16,10 @@ MAX_CHANNELS = 20000  # channels a peer may have open on one connection
 DEFAULT_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_TCP_WINDOW_DEFAULT
 DEFAULT_MAX_PACKET = 32 * 1024  # OpenSSH's CHAN_TCP_PACKET_DEFAULT
 MAX_WINDOW = (1 << 32) - 1
+
+# Keys and ssh-agent (OpenSSH's SSH_RSA_MINIMUM_MODULUS_SIZE, SSHBUF_MAX_BIGNUM, AGENT_MAX_LEN, MAX_AGENT_IDENTITIES)
+RSA_MIN_BITS = 1024
+RSA_MAX_BITS = 16384
+MAX_AGENT_MESSAGE = 256 * 1024
+MAX_AGENT_IDENTITIES = 2048
+AGENT_TIMEOUT = 30.0  # seconds for one agent request (it may prompt the user for confirmation)

@@ -1,0 +1,435 @@
+"""Drives the sans-IO core over an asyncio transport: the only place that touches the SSH socket.
+
+Bytes from the socket go to ``Transport.receive_data``; the events that come back are routed to the auth
+layer, the connection layer and the per-channel handlers. Everything the core queues to send is written in one
+``writelines`` per loop iteration, so many small packets cost one system call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from . import auth, connection, limits, messages
+from .crypto import keys
+from .errors import ChannelOpenError, DisconnectReason, Disconnected, HostKeyError, ProtocolError, SSHError
+from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Transport, TransportConfig
+
+log = logging.getLogger("sshconduit")
+
+HostKeyChecker = Callable[[keys.PublicKey, str], None]  # raises HostKeyError to refuse
+ChannelOpener = Callable[["SSHConnection", connection.ChannelOpenRequest], Awaitable["ChannelHandler"]]
+GlobalRequestHandler = Callable[["SSHConnection", connection.GlobalRequestReceived], Awaitable[bytes | None]]
+
+
+class ChannelHandler:
+    """What a channel's owner (a forward, a session) is told. Subclasses override what they need."""
+
+    conn: SSHConnection
+    channel_id: int
+
+    def bind(self, conn: SSHConnection, channel_id: int) -> None:
+        self.conn = conn
+        self.channel_id = channel_id
+
+    def opened(self, type_data: bytes) -> None:
+        pass
+
+    def open_failed(self, error: ChannelOpenError) -> None:
+        pass
+
+    def data_received(self, data: bytes, data_type: int | None) -> None:
+        self.conn.consumed(self.channel_id, len(data))
+
+    def window_opened(self) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def close_received(self) -> None:
+        pass
+
+    def request_received(self, request_type: str, data: bytes) -> bool:
+        return False
+
+    def request_replied(self, ok: bool) -> None:
+        pass
+
+    def connection_lost(self) -> None:
+        """The SSH connection is gone; the channel will get no more events."""
+        self.close_received()
+
+
+class SSHConnection(asyncio.Protocol):
+    """One SSH connection, client or server side."""
+
+    def __init__(
+        self,
+        role: Role,
+        config: TransportConfig | None = None,
+        *,
+        host_keys: tuple[keys.PrivateKey, ...] = (),
+        host_key_checker: HostKeyChecker | None = None,
+        auth_policy: auth.AuthPolicy | None = None,
+        channel_opener: ChannelOpener | None = None,
+        global_request_handler: GlobalRequestHandler | None = None,
+        max_auth_tries: int = limits.MAX_AUTH_ATTEMPTS,
+        banner: str | None = None,
+        login_grace_time: float = limits.LOGIN_GRACE_TIME,
+    ) -> None:
+        self.role = role
+        self.core = Transport(role, config, host_keys)
+        self.loop = asyncio.get_running_loop()
+        self._host_key_checker = host_key_checker
+        self._auth_policy = auth_policy
+        self._channel_opener = channel_opener
+        self._global_request_handler = global_request_handler
+        self._max_auth_tries = max_auth_tries
+        self._banner = banner
+        self._login_grace_time = login_grace_time
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._socket: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self.peername: tuple[str, int] = ("?", 0)
+        self.local_address = "?"
+        self.local_port = 0
+        self.connection_made_hook: Callable[[], None] | None = None
+        self.kex_done: asyncio.Future[None] = self.loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.auth_messages: asyncio.Queue[messages.Message] = asyncio.Queue()
+        self.server_auth: auth.ServerAuth | None = None
+        self.user: str | None = None
+        self.channels: connection.ConnectionLayer | None = None
+        self.handlers: dict[int, ChannelHandler] = {}
+        self._global_replies: list[asyncio.Future[tuple[bool, bytes]]] = []
+        self.close_reason: SSHError | None = None
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._socket = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peername = (str(peer[0]), int(peer[1]))
+        local = transport.get_extra_info("sockname")
+        if local:
+            self.local_address, self.local_port = str(local[0]), int(local[1])
+        if self.connection_made_hook is not None:
+            self.connection_made_hook()
+        if self.role is Role.SERVER:
+            self._grace_timer = self.loop.call_later(self._login_grace_time, self._grace_expired)
+        self.core.start()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._handle_events(self.core.receive_data(data))
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except SSHError as exc:
+            self.abort(exc)
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._grace_timer:
+            self._grace_timer.cancel()
+        if self.close_reason is None:
+            self.close_reason = Disconnected(DisconnectReason.CONNECTION_LOST, "Connection closed by remote host")
+        for handler in list(self.handlers.values()):
+            try:
+                handler.connection_lost()
+            except Exception:
+                log.exception("channel %d: error while closing", handler.channel_id)
+        self.handlers.clear()
+        for fut in (self.kex_done, self.closed):
+            if not fut.done():
+                if fut is self.closed:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(self.close_reason)
+        for reply in self._global_replies:
+            if not reply.done():
+                reply.set_exception(self.close_reason)
+        self.auth_messages.put_nowait(messages.Disconnect(DisconnectReason.CONNECTION_LOST, "connection lost"))
+
+    # --- writing ---
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self.core.data_to_send()
+        if out and self._socket is not None and not self._socket.is_closing():
+            self._socket.writelines(out)
+        if self.core.closed and self._socket is not None and not self._socket.is_closing():
+            self._socket.close()
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        self.core.send(*parts)
+        self.schedule_flush()
+
+    # --- closing ---
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.info("Disconnecting %s port %d: %s", self.peername[0], self.peername[1], exc)
+        self.close_reason = exc
+        self.core.disconnect(exc.reason, str(exc))
+        self._flush()
+
+    def abort(self, exc: SSHError) -> None:
+        self.close_reason = exc
+        if self._socket is not None:
+            self._socket.close()
+
+    def close(self, description: str = "disconnected by user") -> None:
+        if self.close_reason is None:
+            self.close_reason = Disconnected(DisconnectReason.BY_APPLICATION, description)
+        self.core.disconnect(DisconnectReason.BY_APPLICATION, description)
+        self._flush()
+        if self._socket is not None:
+            self._socket.close()
+
+    def _grace_expired(self) -> None:
+        if self.user is None:
+            self._protocol_error(ProtocolError("Timeout before authentication", DisconnectReason.BY_APPLICATION))
+
+    # --- event routing ---
+
+    def _handle_events(self, events: list[object]) -> None:
+        channels = self.channels
+        for event in events:
+            if channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 127:
+                self._handle_channel_events(channels.handle(event))
+            elif isinstance(event, HostKeyReceived):
+                self._check_host_key(event)
+            elif isinstance(event, KexComplete):
+                self._kex_complete(event)
+            elif isinstance(event, PeerDisconnected):
+                self.close_reason = Disconnected(event.reason, event.description)
+                if self._socket is not None:
+                    self._socket.close()
+            elif isinstance(event, messages.Message):
+                self._handle_message(event)
+
+    def _check_host_key(self, event: HostKeyReceived) -> None:
+        if self._host_key_checker is not None:
+            try:
+                self._host_key_checker(event.key, event.algorithm)
+            except HostKeyError as exc:
+                self.close_reason = exc
+                self.core.disconnect(DisconnectReason.HOST_KEY_NOT_VERIFIABLE, "host key verification failed")
+                if not self.kex_done.done():
+                    self.kex_done.set_exception(exc)
+                return
+        self._handle_events(self.core.accept_host_key())
+
+    def _kex_complete(self, event: KexComplete) -> None:
+        if not event.initial:
+            return
+        if self.role is Role.SERVER:
+            assert self.core.session_id is not None and self._auth_policy is not None
+            self.server_auth = auth.ServerAuth(
+                self.send,
+                self.core.session_id,
+                self._auth_policy,
+                max_tries=self._max_auth_tries,
+                banner=self._banner,
+            )
+        if not self.kex_done.done():
+            self.kex_done.set_result(None)
+
+    def _handle_message(self, msg: messages.Message) -> None:
+        if self.role is Role.CLIENT:
+            if self.channels is None and 5 <= msg.ID < 80:
+                self.auth_messages.put_nowait(msg)
+                return
+        elif self.server_auth is not None and self.channels is None:
+            for event in self.server_auth.handle(msg):
+                if isinstance(event, auth.AuthSucceeded):
+                    self._auth_succeeded(event)
+                elif isinstance(event, auth.AuthFailed):
+                    self._log_auth_failure(event)
+            return
+        if 50 <= msg.ID < 80:
+            return  # late auth messages after success are ignored (RFC 4252 5.1)
+        raise ProtocolError(f"unexpected message {msg.ID}")
+
+    def _auth_succeeded(self, event: auth.AuthSucceeded) -> None:
+        self.user = event.user
+        if self._grace_timer:
+            self._grace_timer.cancel()
+        key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
+        log.info("Accepted %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+        self.start_connection_layer()
+
+    def _log_auth_failure(self, event: auth.AuthFailed) -> None:
+        key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
+        log.info("Failed %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+
+    def start_connection_layer(self) -> None:
+        self.channels = connection.ConnectionLayer(self.send)
+
+    # --- channels ---
+
+    def _handle_channel_events(self, events: list[object]) -> None:
+        for event in events:
+            if isinstance(event, connection.ChannelDataReceived):
+                handler = self.handlers.get(event.channel_id)
+                if handler is not None:
+                    handler.data_received(event.data, event.data_type)
+                continue
+            try:
+                self._channel_event(event)
+            except SSHError:
+                raise
+            except Exception:
+                channel_id = getattr(event, "channel_id", None)
+                log.exception("channel %s: error handling %s", channel_id, type(event).__name__)
+                if channel_id is not None and self.channels is not None and self.channels.is_open(channel_id):
+                    self.channels.close(channel_id)
+
+    def _channel_event(self, event: object) -> None:
+        assert self.channels is not None
+        if isinstance(event, connection.ChannelWindowOpened):
+            handler = self.handlers.get(event.channel_id)
+            if handler:
+                handler.window_opened()
+        elif isinstance(event, connection.ChannelEofReceived):
+            handler = self.handlers.get(event.channel_id)
+            if handler:
+                handler.eof_received()
+        elif isinstance(event, connection.ChannelCloseReceived):
+            handler = self.handlers.pop(event.channel_id, None)
+            if handler:
+                handler.close_received()
+        elif isinstance(event, connection.ChannelOpenRequest):
+            self.loop.create_task(self._answer_channel_open(event))
+        elif isinstance(event, connection.ChannelOpened):
+            handler = self.handlers.get(event.channel_id)
+            if handler:
+                handler.opened(event.type_data)
+        elif isinstance(event, connection.ChannelOpenFailed):
+            handler = self.handlers.pop(event.channel_id, None)
+            if handler:
+                handler.open_failed(ChannelOpenError(event.reason, event.description))
+        elif isinstance(event, connection.ChannelRequestReceived):
+            handler = self.handlers.get(event.channel_id)
+            ok = handler.request_received(event.request_type, event.data) if handler else False
+            if event.want_reply and self.channels.is_open(event.channel_id):
+                self.channels.reply_request(event.channel_id, ok)
+        elif isinstance(event, connection.ChannelRequestReplied):
+            handler = self.handlers.get(event.channel_id)
+            if handler:
+                handler.request_replied(event.ok)
+        elif isinstance(event, connection.GlobalRequestReceived):
+            self.loop.create_task(self._answer_global_request(event))
+        elif isinstance(event, connection.GlobalRequestReplied):
+            if self._global_replies:
+                fut = self._global_replies.pop(0)
+                if not fut.done():
+                    fut.set_result((event.ok, event.data))
+
+    async def _answer_channel_open(self, event: connection.ChannelOpenRequest) -> None:
+        channels = self.channels
+        assert channels is not None
+        try:
+            if self._channel_opener is None:
+                raise ChannelOpenError(3, f"unknown channel type {event.channel_type}")
+            handler = await self._channel_opener(self, event)
+        except ChannelOpenError as exc:
+            if not self.core.closed:
+                channels.reject_channel(event.channel_id, exc.reason, exc.description)
+                self.schedule_flush()
+            return
+        except Exception:
+            log.exception("channel %d: error opening %s", event.channel_id, event.channel_type)
+            channels.reject_channel(event.channel_id, 2, "internal error")
+            self.schedule_flush()
+            return
+        if self.core.closed:
+            handler.connection_lost()
+            return
+        handler.bind(self, event.channel_id)
+        self.handlers[event.channel_id] = handler
+        channels.accept_channel(event.channel_id, *handler_window(handler))
+        self.schedule_flush()
+        handler.opened(b"")
+
+    async def _answer_global_request(self, event: connection.GlobalRequestReceived) -> None:
+        result: bytes | None = None
+        if self._global_request_handler is not None:
+            try:
+                result = await self._global_request_handler(self, event)
+            except Exception:
+                log.exception("global request %s failed", event.name)
+        if event.want_reply and self.channels is not None and not self.core.closed:
+            self.channels.reply_global(result is not None, result or b"")
+            self.schedule_flush()
+
+    # --- API for channel owners ---
+
+    def open_channel(self, handler: ChannelHandler, channel_type: str, type_data: bytes = b"") -> int:
+        if self.channels is None or self.core.closed:
+            raise Disconnected(DisconnectReason.CONNECTION_LOST, "not connected")
+        window, max_packet = handler_window(handler)
+        channel_id = self.channels.open_channel(channel_type, type_data, window, max_packet)
+        handler.bind(self, channel_id)
+        self.handlers[channel_id] = handler
+        self.schedule_flush()
+        return channel_id
+
+    async def global_request(self, name: str, data: bytes = b"") -> tuple[bool, bytes]:
+        if self.channels is None:
+            raise Disconnected(DisconnectReason.CONNECTION_LOST, "not connected")
+        fut: asyncio.Future[tuple[bool, bytes]] = self.loop.create_future()
+        self._global_replies.append(fut)
+        self.channels.global_request(name, True, data)
+        self.schedule_flush()
+        return await fut
+
+    def send_data(self, channel_id: int, data: bytes | memoryview, data_type: int | None = None) -> int:
+        assert self.channels is not None
+        if data_type is None:
+            sent = self.channels.send_data(channel_id, data)
+        else:
+            sent = self.channels.send_extended_data(channel_id, data, data_type)
+        if sent:
+            self.schedule_flush()
+        return sent
+
+    def consumed(self, channel_id: int, nbytes: int) -> None:
+        if self.channels is not None and self.channels.is_open(channel_id):
+            self.channels.consumed(channel_id, nbytes)
+            self.schedule_flush()
+
+    def send_eof(self, channel_id: int) -> None:
+        if self.channels is not None and self.channels.is_open(channel_id):
+            self.channels.send_eof(channel_id)
+            self.schedule_flush()
+
+    def close_channel(self, channel_id: int) -> None:
+        if self.channels is not None and self.channels.is_open(channel_id):
+            self.channels.close(channel_id)
+            self.schedule_flush()
+
+    def send_request(self, channel_id: int, request_type: str, want_reply: bool, data: bytes = b"") -> None:
+        if self.channels is not None and self.channels.is_open(channel_id):
+            self.channels.send_request(channel_id, request_type, want_reply, data)
+            self.schedule_flush()
+
+
+def handler_window(handler: ChannelHandler) -> tuple[int, int]:
+    """The window and max packet a handler asks for (class attributes), else OpenSSH's defaults."""
+    return (
+        getattr(handler, "window", limits.DEFAULT_WINDOW),
+        getattr(handler, "max_packet", limits.DEFAULT_MAX_PACKET),
+    )

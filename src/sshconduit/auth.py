@@ -1,0 +1,206 @@
+"""User authentication (RFC 4252, RFC 4256) for both roles.
+
+The server side is a sans-IO state machine: it is handed each auth message and asks an ``AuthPolicy`` (the
+paramiko ServerInterface idea) whether a user, key or password is good. The client side is a set of message
+builders; the asyncio client drives them, because asking an agent or a person for a signature or a password
+waits on the outside world.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import limits, messages, wire
+from .crypto import keys
+from .errors import DisconnectReason, ProtocolError
+
+log = logging.getLogger("sshconduit.auth")
+
+SERVICE_USERAUTH = "ssh-userauth"
+SERVICE_CONNECTION = "ssh-connection"
+
+
+def publickey_signed_data(session_id: bytes, user: str, algorithm: str, key_blob: bytes) -> bytes:
+    """What a publickey request signs (RFC 4252 7)."""
+    return b"".join(
+        (
+            wire.string(session_id),
+            b"\x32",
+            wire.string(user),
+            wire.string(SERVICE_CONNECTION),
+            wire.string("publickey"),
+            b"\x01",
+            wire.string(algorithm),
+            wire.string(key_blob),
+        )
+    )
+
+
+# --- client side builders ---
+
+
+def none_request(user: str) -> messages.UserauthRequest:
+    return messages.UserauthRequest(user, SERVICE_CONNECTION, "none")
+
+
+def publickey_request(
+    user: str, algorithm: str, key_blob: bytes, signature: bytes | None = None
+) -> messages.UserauthRequest:
+    tail = wire.string(signature) if signature is not None else b""
+    data = messages.PublickeyAuth(signature is not None, algorithm, key_blob, tail).encode()
+    return messages.UserauthRequest(user, SERVICE_CONNECTION, "publickey", data)
+
+
+def password_request(user: str, password: str) -> messages.UserauthRequest:
+    return messages.UserauthRequest(user, SERVICE_CONNECTION, "password", messages.PasswordAuth(False, password).encode())
+
+
+def keyboard_interactive_request(user: str) -> messages.UserauthRequest:
+    data = messages.KbdInteractiveAuth("", "").encode()
+    return messages.UserauthRequest(user, SERVICE_CONNECTION, "keyboard-interactive", data)
+
+
+# --- server side ---
+
+
+class AuthPolicy(Protocol):
+    """Answers the server's questions; every method must be quick (it runs on the event loop)."""
+
+    def allowed_methods(self, user: str) -> list[str]: ...
+
+    def check_publickey(self, user: str, key: keys.PublicKey) -> bool: ...
+
+    def check_password(self, user: str, password: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSucceeded:
+    user: str
+    method: str
+    key: keys.PublicKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """One failed attempt, for the log (``Failed publickey for alice from ...``)."""
+
+    user: str
+    method: str
+    key: keys.PublicKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStarted:
+    service: str
+
+
+class ServerAuth:
+    """Answers SERVICE_REQUEST and USERAUTH_REQUEST until a user is authenticated."""
+
+    def __init__(
+        self,
+        send: Callable[..., None],
+        session_id: bytes,
+        policy: AuthPolicy,
+        *,
+        max_tries: int = limits.MAX_AUTH_ATTEMPTS,
+        banner: str | None = None,
+        signature_algorithms: tuple[str, ...] = (),
+    ) -> None:
+        self._send = send
+        self._session_id = session_id
+        self._policy = policy
+        self._max_tries = max_tries
+        self._banner = banner
+        self._signature_algorithms = signature_algorithms
+        self._service_started = False
+        self._failures = 0
+        self._kbd_user: str | None = None
+        self.user: str | None = None  # set once authenticated
+
+    def handle(self, msg: messages.Message) -> list[object]:
+        if isinstance(msg, messages.ServiceRequest):
+            if msg.service != SERVICE_USERAUTH or self._service_started:
+                raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
+            self._service_started = True
+            self._send(messages.ServiceAccept(SERVICE_USERAUTH).encode())
+            return [ServiceStarted(SERVICE_USERAUTH)]
+        if not self._service_started:
+            raise ProtocolError("authentication before the ssh-userauth service was requested")
+        if self.user is not None:
+            return []  # RFC 4252 5.1: requests after success are ignored
+        if isinstance(msg, messages.UserauthRequest):
+            return self._on_request(msg)
+        if isinstance(msg, messages.UserauthInfoResponse) and self._kbd_user is not None:
+            user, self._kbd_user = self._kbd_user, None
+            responses = msg.responses()
+            ok = len(responses) == 1 and self._policy.check_password(user, responses[0])
+            return self._conclude(user, "keyboard-interactive", None, ok)
+        raise ProtocolError(f"unexpected message {msg.ID} during authentication")
+
+    def _on_request(self, msg: messages.UserauthRequest) -> list[object]:
+        if msg.service != SERVICE_CONNECTION:
+            raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
+        if self._banner is not None:
+            self._send(messages.UserauthBanner(self._banner).encode())
+            self._banner = None
+        user = msg.user
+        methods = self._policy.allowed_methods(user)
+        if msg.method == "none" or msg.method not in methods:
+            self._fail(user)
+            return []
+        if msg.method == "publickey":
+            return self._on_publickey(user, messages.PublickeyAuth.decode(msg.method_data))
+        if msg.method == "password":
+            password = messages.PasswordAuth.decode(msg.method_data)
+            if password.change:
+                return self._conclude(user, "password", None, False)
+            return self._conclude(user, "password", None, self._policy.check_password(user, password.password))
+        if msg.method == "keyboard-interactive":
+            self._kbd_user = user
+            self._send(messages.UserauthInfoRequest.build("", "", [("Password: ", False)]).encode())
+            return []
+        self._fail(user)
+        return []
+
+    def _on_publickey(self, user: str, req: messages.PublickeyAuth) -> list[object]:
+        try:
+            key = keys.parse_public_blob(req.key_blob)
+        except Exception:
+            self._fail(user)
+            return []
+        if req.algorithm not in key.signature_algorithms() or (
+            self._signature_algorithms and req.algorithm not in self._signature_algorithms
+        ):
+            self._fail(user)
+            return []
+        if not req.has_signature:  # a query: would this key do?
+            if self._policy.check_publickey(user, key):
+                self._send(messages.UserauthPkOk(req.algorithm, req.key_blob).encode())
+            else:
+                self._fail(user)
+            return []
+        signature = wire.Reader(req.signature_data).string()
+        signed = publickey_signed_data(self._session_id, user, req.algorithm, req.key_blob)
+        ok = key.verify(signed, signature, req.algorithm) and self._policy.check_publickey(user, key)
+        return self._conclude(user, "publickey", key, ok)
+
+    def _conclude(self, user: str, method: str, key: keys.PublicKey | None, ok: bool) -> list[object]:
+        if ok:
+            self.user = user
+            self._send(messages.UserauthSuccess().encode())
+            return [AuthSucceeded(user, method, key)]
+        self._failures += 1
+        if self._failures >= self._max_tries:
+            raise ProtocolError(
+                f"Too many authentication failures for {user}", DisconnectReason.NO_MORE_AUTH_METHODS_AVAILABLE
+            )
+        self._fail(user)
+        return [AuthFailed(user, method, key)]
+
+    def _fail(self, user: str) -> None:
+        methods = [m for m in self._policy.allowed_methods(user) if m != "none"]
+        self._send(messages.UserauthFailure(tuple(methods), False).encode())

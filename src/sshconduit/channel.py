@@ -1,0 +1,120 @@
+"""Per-channel state for the connection layer (RFC 4254 section 5): windows and half-close.
+
+A channel has two independent directions, as in OpenSSH's nchan.c:
+
+    input  (peer -> us):  open --EOF received--> eof --CLOSE received--> closed
+    output (us -> peer):  open --EOF sent-----> eof --CLOSE sent-------> closed
+
+EOF one way leaves the other way flowing. CLOSE is sent at most once and ends our output. The channel's
+local id is freed only once CLOSE has been both sent and received; since the layer answers a received CLOSE
+with its own at once, "CLOSE received" never outlives the message that carried it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from . import limits
+from .errors import ProtocolError
+
+# A CHANNEL_DATA payload adds 9 bytes (type, recipient, length) to the data; EXTENDED_DATA adds 13.
+DATA_OVERHEAD = 9
+EXTENDED_DATA_OVERHEAD = 13
+
+
+class OpenState(Enum):
+    OPENING = "opening"  # we sent CHANNEL_OPEN, awaiting the peer's confirmation or failure
+    OFFERED = "offered"  # the peer sent CHANNEL_OPEN, awaiting our accept or reject
+    OPEN = "open"
+
+
+class Channel:
+    """One channel's bookkeeping; the ConnectionLayer owns all decisions about messages."""
+
+    __slots__ = (
+        "close_pending",
+        "close_sent",
+        "eof_received",
+        "eof_sent",
+        "local_id",
+        "local_max_packet",
+        "peer_max_packet",
+        "recv_granted",
+        "recv_unadjusted",
+        "recv_unconsumed",
+        "recv_window",
+        "remote_id",
+        "replies_expected",
+        "replies_owed",
+        "send_chunk",
+        "send_ext_chunk",
+        "send_window",
+        "state",
+    )
+
+    def __init__(self, local_id: int, state: OpenState, recv_window: int, local_max_packet: int) -> None:
+        self.local_id = local_id
+        self.state = state
+        self.remote_id = -1  # unknown until the peer names its side
+        # Receive direction: what we granted, what the peer may still send, what the application holds.
+        self.recv_granted = recv_window
+        self.recv_window = recv_window
+        self.recv_unconsumed = 0  # delivered to the application, not yet consumed
+        self.recv_unadjusted = 0  # consumed, not yet given back with a WINDOW_ADJUST
+        self.local_max_packet = local_max_packet
+        # Send direction: the peer's window and packet limit.
+        self.send_window = 0
+        self.peer_max_packet = 0
+        self.send_chunk = 0
+        self.send_ext_chunk = 0
+        # Half-close: input is eof_received (CLOSE received frees the channel); output is eof_sent/close_sent.
+        self.eof_received = False
+        self.eof_sent = False
+        self.close_sent = False
+        self.close_pending = False  # close() called before the peer confirmed our open
+        self.replies_owed = 0  # peer's want_reply requests we have not answered
+        self.replies_expected = 0  # our want_reply requests the peer has not answered
+
+    def set_peer_limits(self, window: int, max_packet: int) -> None:
+        if max_packet < 1:
+            raise ProtocolError(f"channel {self.local_id}: peer maximum packet size {max_packet} is invalid")
+        self.send_window = window
+        self.peer_max_packet = max_packet
+        self.send_chunk = min(max_packet, limits.MAX_PAYLOAD_WE_SEND - DATA_OVERHEAD)
+        self.send_ext_chunk = min(max_packet, limits.MAX_PAYLOAD_WE_SEND - EXTENDED_DATA_OVERHEAD)
+
+    def take_received(self, nbytes: int) -> None:
+        """Charge ``nbytes`` of incoming data against the window we granted; a peer over it is a violation."""
+        if self.eof_received:
+            raise ProtocolError(f"channel {self.local_id}: data after EOF")
+        if nbytes > self.local_max_packet:
+            raise ProtocolError(
+                f"channel {self.local_id}: data packet of {nbytes} bytes over maximum {self.local_max_packet}"
+            )
+        if nbytes > self.recv_window:
+            raise ProtocolError(
+                f"channel {self.local_id}: peer ignored channel window ({nbytes} > {self.recv_window})"
+            )
+        self.recv_window -= nbytes
+
+    def consume(self, nbytes: int) -> int:
+        """The application took ``nbytes``; return the WINDOW_ADJUST increment to send now, or 0 to wait."""
+        if nbytes < 0 or nbytes > self.recv_unconsumed:
+            raise ValueError(
+                f"channel {self.local_id}: consumed {nbytes} bytes, only {self.recv_unconsumed} pending"
+            )
+        self.recv_unconsumed -= nbytes
+        if self.eof_received or self.close_sent:
+            return 0  # the peer will send nothing more, so there is nothing to re-open
+        self.recv_unadjusted += nbytes
+        # Batch: give the window back only once half of what we granted is consumed.
+        if self.recv_unadjusted < max(1, self.recv_granted // 2):
+            return 0
+        increment = self.recv_unadjusted
+        self.recv_unadjusted = 0
+        self.recv_window += increment
+        return increment
+
+    @property
+    def output_open(self) -> bool:
+        return not (self.eof_sent or self.close_sent)

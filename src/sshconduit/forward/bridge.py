@@ -1,0 +1,223 @@
+"""One stream socket pumped to and from one channel, with flow control both ways.
+
+Every forward kind (local, remote, SOCKS, unix) is this pump plus a way to get the socket. Flow control: when
+the peer's window is shut we pause reading the socket; when the socket's write buffer is full we stop telling
+the connection layer that received bytes were consumed, so the peer's window closes. Half-close maps TCP EOF to
+CHANNEL_EOF and back; the channel closes when both directions are done or the socket goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import limits
+from ..aio import ChannelHandler
+from ..errors import ChannelOpenError
+
+log = logging.getLogger("sshconduit.forward")
+
+
+@dataclass
+class ForwardCounters:
+    """Per-forward totals for the API and the live view."""
+
+    connections: int = 0
+    active: int = 0
+    failed: int = 0
+    bytes_out: int = 0  # socket -> channel
+    bytes_in: int = 0  # channel -> socket
+
+
+class _SocketSide(asyncio.Protocol):
+    """The asyncio protocol of the socket; forwards its callbacks to the bridge (names clash otherwise)."""
+
+    def __init__(self, bridge: StreamBridge) -> None:
+        self.bridge = bridge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.bridge.socket_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.bridge.socket_data(data)
+
+    def eof_received(self) -> bool:
+        return self.bridge.socket_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bridge.socket_lost()
+
+    def pause_writing(self) -> None:
+        self.bridge.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.bridge.resume_socket_writing()
+
+
+class StreamBridge(ChannelHandler):
+    window = limits.DEFAULT_WINDOW
+    max_packet = limits.DEFAULT_MAX_PACKET
+
+    def __init__(
+        self,
+        label: str,
+        counters: ForwardCounters | None = None,
+        on_open_failed: Callable[[StreamBridge, ChannelOpenError], None] | None = None,
+    ) -> None:
+        self.label = label
+        self.counters = counters or ForwardCounters()
+        self.on_socket_made: Callable[[StreamBridge, asyncio.Transport], None] | None = None
+        self._on_open_failed = on_open_failed
+        self.sock: asyncio.Transport | None = None
+        self.protocol = _SocketSide(self)
+        self.writing_paused = False
+        self._channel_ready = False
+        self._pending: memoryview | None = None  # socket bytes the peer's window has not taken yet
+        self._early: list[bytes] = []  # socket bytes read before the channel was confirmed
+        self._socket_eof = False
+        self._channel_eof = False
+        self._eof_sent = False
+        self._unconsumed = 0  # written to the socket while it was paused: not yet given back to the window
+        self._finished = False
+        self._counted = False
+        self._started = time.monotonic()
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    # --- socket side ---
+
+    def socket_made(self, sock: asyncio.Transport) -> None:
+        self.sock = sock
+        self._counted = True
+        self.counters.connections += 1
+        self.counters.active += 1
+        if not self._channel_ready:
+            sock.pause_reading()
+        if self.on_socket_made is not None:
+            self.on_socket_made(self, sock)
+
+    def socket_data(self, data: bytes) -> None:
+        if not self._channel_ready or self._pending is not None:
+            self._early.append(data)
+            if self.sock is not None:
+                self.sock.pause_reading()
+            return
+        self._send(memoryview(data))
+
+    def _send(self, view: memoryview) -> None:
+        sent = self.conn.send_data(self.channel_id, view)
+        self.bytes_out += sent
+        self.counters.bytes_out += sent
+        if sent < len(view):
+            self._pending = view[sent:]
+            if self.sock is not None:
+                self.sock.pause_reading()
+
+    def socket_eof(self) -> bool:
+        self._socket_eof = True
+        self._maybe_send_eof()
+        return True  # keep the socket open for writing: half-close
+
+    def socket_lost(self) -> None:
+        self.sock = None
+        self._finish()
+        if self._channel_ready:
+            self.conn.close_channel(self.channel_id)
+
+    def resume_socket_writing(self) -> None:
+        self.writing_paused = False
+        if self._unconsumed:
+            n, self._unconsumed = self._unconsumed, 0
+            self.conn.consumed(self.channel_id, n)
+
+    # --- channel side ---
+
+    def opened(self, type_data: bytes) -> None:
+        self._channel_ready = True
+        self._drain()
+
+    def open_failed(self, error: ChannelOpenError) -> None:
+        self.counters.failed += 1
+        if self._on_open_failed is not None:
+            self._on_open_failed(self, error)
+        if self.sock is not None:
+            self.sock.abort()
+
+    def window_opened(self) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        """Send what the socket gave us while the channel could not take it, then read on."""
+        while True:
+            if self._pending is None:
+                if not self._early:
+                    break
+                self._pending = memoryview(self._early.pop(0))
+            view, self._pending = self._pending, None
+            self._send(view)
+            if self._pending is not None:
+                return  # the window shut again
+        self._resume_reading()
+        self._maybe_send_eof()
+
+    def _resume_reading(self) -> None:
+        if self.sock is not None and self._pending is None and not self._socket_eof:
+            self.sock.resume_reading()
+
+    def data_received(self, data: bytes, data_type: int | None) -> None:
+        if self.sock is None or data_type is not None:
+            self.conn.consumed(self.channel_id, len(data))
+            return
+        self.sock.write(data)
+        self.bytes_in += len(data)
+        self.counters.bytes_in += len(data)
+        if self.writing_paused:
+            self._unconsumed += len(data)
+        else:
+            self.conn.consumed(self.channel_id, len(data))
+
+    def eof_received(self) -> None:
+        self._channel_eof = True
+        if self.sock is not None and self.sock.can_write_eof():
+            self.sock.write_eof()
+        self._maybe_close()
+
+    def close_received(self) -> None:
+        self._finish()
+        if self.sock is not None:
+            self.sock.close()  # flushes what is buffered, then closes
+
+    def connection_lost(self) -> None:
+        self._finish()
+        if self.sock is not None:
+            self.sock.abort()
+
+    # --- both ---
+
+    def _maybe_send_eof(self) -> None:
+        if self._socket_eof and self._channel_ready and self._pending is None and not self._early and not self._eof_sent:
+            self._eof_sent = True
+            self.conn.send_eof(self.channel_id)
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._eof_sent and self._channel_eof:
+            self.conn.close_channel(self.channel_id)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._counted:
+            self.counters.active -= 1
+        log.debug(
+            "%s closed: %d bytes out, %d bytes in, %.3fs",
+            self.label,
+            self.bytes_out,
+            self.bytes_in,
+            time.monotonic() - self._started,
+        )

@@ -1,0 +1,141 @@
+"""The client's side of local forwarding (ssh -L): a listener whose connections become channels."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from types import TracebackType
+
+from .. import messages
+from ..aio import SSHConnection
+from ..config.forward_spec import ForwardSpec
+from ..errors import ChannelOpenError, SSHError
+from .bridge import ForwardCounters, StreamBridge
+
+log = logging.getLogger("sshconduit.forward")
+
+STREAMLOCAL_BIND_MASK = 0o177  # OpenSSH's StreamLocalBindMask default: the socket is 0600
+
+
+class ForwardError(SSHError):
+    """A forward could not be set up; the message reads like OpenSSH's (``bind [127.0.0.1]:110: ...``)."""
+
+
+def bind_error(host: str, port: int | str, exc: OSError) -> ForwardError:
+    text = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    message = f"bind [{host}]:{port}: {text}"
+    if exc.errno == errno.EACCES and isinstance(port, int) and 0 < port < 1024:
+        message += " (ports below 1024 need root)"
+    return ForwardError(message)
+
+
+def listen_hosts(listen_host: str | None, gateway_ports: bool) -> list[str | None]:
+    """Where ssh binds a forward: loopback by default, every address with -g or an explicit '*'/''."""
+    if listen_host in (None, "localhost"):
+        return [None] if gateway_ports and listen_host is None else ["127.0.0.1", "::1"]
+    if listen_host in ("*", ""):
+        return [None]
+    return [listen_host]
+
+
+class LocalForward:
+    """``async with conn.forward_local(...) as fwd`` — ``fwd.port`` is the bound port."""
+
+    def __init__(self, conn: SSHConnection, spec: ForwardSpec, gateway_ports: bool = False) -> None:
+        self.conn = conn
+        self.spec = spec
+        self.gateway_ports = gateway_ports
+        self.counters = ForwardCounters()
+        self.port: int | None = None
+        self.path: str | None = None
+        self._servers: list[asyncio.Server] = []
+
+    @property
+    def destination(self) -> str:
+        spec = self.spec
+        return spec.connect_path or f"{spec.connect_host}:{spec.connect_port}"
+
+    async def start(self) -> LocalForward:
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        if spec.listen_path is not None:
+            old_mask = os.umask(STREAMLOCAL_BIND_MASK)
+            try:
+                server = await loop.create_unix_server(self._new_bridge, spec.listen_path)
+            except OSError as exc:
+                raise ForwardError(f"bind {spec.listen_path}: {exc.strerror}") from None
+            finally:
+                os.umask(old_mask)
+            self._servers.append(server)
+            self.path = spec.listen_path
+            return self
+        port = spec.listen_port or 0
+        errors: list[ForwardError] = []
+        for host in listen_hosts(spec.listen_host, self.gateway_ports):
+            try:
+                server = await loop.create_server(
+                    self._new_bridge, host, port if self.port is None else self.port, reuse_address=True
+                )
+            except OSError as exc:
+                if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue  # no IPv6 loopback on this machine
+                errors.append(bind_error(host or "0.0.0.0", port, exc))
+                continue
+            self._servers.append(server)
+            if self.port is None:
+                self.port = server.sockets[0].getsockname()[1]
+        if not self._servers:
+            raise errors[0]
+        for err in errors:
+            log.warning("%s", err)
+        if port == 0:
+            log.warning("Allocated port %d for local forward to %s", self.port, self.destination)
+        return self
+
+    def _new_bridge(self) -> asyncio.Protocol:
+        bridge = StreamBridge("local forward", self.counters, on_open_failed=self._open_failed)
+        bridge.on_socket_made = self._open_channel
+        return bridge.protocol
+
+    def _open_channel(self, bridge: StreamBridge, sock: asyncio.Transport) -> None:
+        spec = self.spec
+        try:
+            if spec.connect_path is not None:
+                data = messages.DirectStreamlocal(spec.connect_path, "", 0).encode()
+                channel_id = self.conn.open_channel(bridge, "direct-streamlocal@openssh.com", data)
+            else:
+                peer = sock.get_extra_info("peername")
+                orig_host, orig_port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("127.0.0.1", 0)
+                data = messages.DirectTcpip(spec.connect_host or "", spec.connect_port or 0, orig_host, orig_port)
+                channel_id = self.conn.open_channel(bridge, "direct-tcpip", data.encode())
+        except SSHError as exc:
+            log.error("local forward: %s", exc)
+            sock.abort()
+            return
+        bridge.label = f"channel {channel_id}: forward to {self.destination}"
+        log.debug("Connection to port %s forwarding to %s requested.", self.port or self.path, self.destination)
+
+    def _open_failed(self, bridge: StreamBridge, error: ChannelOpenError) -> None:
+        log.error("channel %d: open failed: %s", bridge.channel_id, str(error).removeprefix("open failed: "))
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> LocalForward:
+        return await self.start() if not self._servers else self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,129 @@
+"""The server's public API: ``listen()`` and the per-connection answers to channel and global requests."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import pwd
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import connection
+from .aio import ChannelHandler, SSHConnection
+from .crypto import keys
+from .errors import ChannelOpenError
+from .forward import direct
+from .policy import ServerPolicy
+from .transport import Role, TransportConfig
+
+log = logging.getLogger("sshconduit.server")
+
+OPEN_PROHIBITED = 1
+OPEN_UNKNOWN_TYPE = 3
+
+
+@dataclass
+class ServerOptions:
+    listen: Sequence[tuple[str | None, int]] = (("127.0.0.1", 2222),)
+    host_keys: Sequence[keys.PrivateKey] = ()
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    max_auth_tries: int = 6
+    login_grace_time: float = 120.0
+    banner: str | None = None
+    permit_tty: bool = True
+
+
+class ServerConnectionHandler:
+    """Opens channels for one authenticated connection according to its own copy of the policy."""
+
+    def __init__(self, options: ServerOptions, policy: ServerPolicy) -> None:
+        self.options = options
+        self.policy = policy
+
+    async def open_channel(self, conn: SSHConnection, event: connection.ChannelOpenRequest) -> ChannelHandler:
+        kind = event.channel_type
+        if kind == "session":
+            return self._session(conn)
+        if kind == "direct-tcpip":
+            req = direct.decode_direct_tcpip(event.type_data)
+            denial = self.policy.local_forwarding_denial(req.host, req.port)
+            label = f"{conn.user}@{conn.peername[0]}: direct-tcpip to {req.host}:{req.port}"
+            if denial is not None:
+                log.info("refused local port forward to %s port %d for %s (%s)", req.host, req.port, conn.user, denial)
+                raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
+            log.debug("%s: originator %s port %d", label, req.originator_host, req.originator_port)
+            return await direct.connect_tcp(req.host, req.port, label)
+        if kind == "direct-streamlocal@openssh.com":
+            req_unix = direct.decode_direct_streamlocal(event.type_data)
+            policy = self.policy
+            if policy.disable_forwarding or policy.allow_tcp_forwarding == "no":
+                raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
+            return await direct.connect_unix(req_unix.socket_path, f"{conn.user}: streamlocal {req_unix.socket_path}")
+        raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")
+
+    def _session(self, conn: SSHConnection) -> ChannelHandler:
+        from .session import ServerSession  # sessions are not needed by a forward-only server
+
+        user = conn.user or ""
+        entry = pwd.getpwnam(user)
+        env = {
+            "USER": user,
+            "LOGNAME": user,
+            "HOME": entry.pw_dir,
+            "SHELL": entry.pw_shell or "/bin/sh",
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "SSH_CLIENT": f"{conn.peername[0]} {conn.peername[1]} {conn.local_port}",
+            "SSH_CONNECTION": f"{conn.peername[0]} {conn.peername[1]} {conn.local_address} {conn.local_port}",
+        }
+        key_options = self.policy.key_options
+        allow_pty = self.options.permit_tty and (key_options is None or key_options.allows_pty())
+        command = key_options.command if key_options is not None else None
+        return ServerSession(entry.pw_shell or "/bin/sh", env, allow_pty=allow_pty, forced_command=command)
+
+    async def global_request(self, conn: SSHConnection, event: connection.GlobalRequestReceived) -> bytes | None:
+        if event.name == "keepalive@openssh.com":
+            return None  # OpenSSH answers failure: the reply itself is the keepalive
+        log.debug("unsupported global request %s", event.name)
+        return None
+
+
+def make_server_connection(options: ServerOptions) -> SSHConnection:
+    policy = copy.copy(options.policy)  # each connection keeps the policy it started with
+    handler = ServerConnectionHandler(options, policy)
+    conn = SSHConnection(
+        Role.SERVER,
+        options.transport,
+        host_keys=tuple(options.host_keys),
+        auth_policy=policy,
+        channel_opener=handler.open_channel,
+        global_request_handler=handler.global_request,
+        max_auth_tries=options.max_auth_tries,
+        banner=options.banner,
+        login_grace_time=options.login_grace_time,
+    )
+    conn.connection_made_hook = lambda: setattr(policy, "client_address", conn.peername[0])
+    return conn
+
+
+async def listen(options: ServerOptions) -> list[asyncio.Server]:
+    """Bind every listen address; raises OSError naming the address that failed."""
+    if not options.host_keys:
+        raise ValueError("a server needs at least one host key")
+    loop = asyncio.get_running_loop()
+    servers = []
+    for host, port in options.listen:
+        try:
+            server = await loop.create_server(lambda: make_server_connection(options), host, port, reuse_address=True)
+        except OSError as exc:
+            for s in servers:
+                s.close()
+            raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {exc.strerror}") from None
+        for sock in server.sockets:
+            addr = sock.getsockname()
+            log.info("Server listening on %s port %d.", addr[0], addr[1])
+        servers.append(server)
+    return servers
+
