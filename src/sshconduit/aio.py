@@ -104,6 +104,7 @@ class SSHConnection(asyncio.Protocol):
         self.channels: connection.ConnectionLayer | None = None
         self.handlers: dict[int, ChannelHandler] = {}
         self._global_replies: list[asyncio.Future[tuple[bool, bytes]]] = []
+        self._global_answering: asyncio.Task[None] | None = None  # replies must go out in arrival order
         self.close_reason: SSHError | None = None
 
     # --- asyncio.Protocol ---
@@ -207,7 +208,7 @@ class SSHConnection(asyncio.Protocol):
     def _handle_events(self, events: list[object]) -> None:
         channels = self.channels
         for event in events:
-            if channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 127:
+            if channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 100:
                 self._handle_channel_events(channels.handle(event))
             elif isinstance(event, HostKeyReceived):
                 self._check_host_key(event)
@@ -331,7 +332,8 @@ class SSHConnection(asyncio.Protocol):
             if handler:
                 handler.request_replied(event.ok)
         elif isinstance(event, connection.GlobalRequestReceived):
-            self.loop.create_task(self._answer_global_request(event))
+            previous = self._global_answering
+            self._global_answering = self.loop.create_task(self._answer_global_request(event, previous))
         elif isinstance(event, connection.GlobalRequestReplied):
             if self._global_replies:
                 fut = self._global_replies.pop(0)
@@ -364,13 +366,17 @@ class SSHConnection(asyncio.Protocol):
         self.schedule_flush()
         handler.opened(b"")
 
-    async def _answer_global_request(self, event: connection.GlobalRequestReceived) -> None:
+    async def _answer_global_request(
+        self, event: connection.GlobalRequestReceived, previous: asyncio.Task[None] | None
+    ) -> None:
         result: bytes | None = None
         if self._global_request_handler is not None:
             try:
                 result = await self._global_request_handler(self, event)
             except Exception:
                 log.exception("global request %s failed", event.name)
+        if previous is not None:
+            await asyncio.wait([previous])
         if event.want_reply and self.channels is not None and not self.core.closed:
             self.channels.reply_global(result is not None, result or b"")
             self.schedule_flush()
@@ -398,10 +404,13 @@ class SSHConnection(asyncio.Protocol):
 
     def send_data(self, channel_id: int, data: bytes | memoryview, data_type: int | None = None) -> int:
         assert self.channels is not None
-        if data_type is None:
-            sent = self.channels.send_data(channel_id, data)
-        else:
-            sent = self.channels.send_extended_data(channel_id, data, data_type)
+        try:
+            if data_type is None:
+                sent = self.channels.send_data(channel_id, data)
+            else:
+                sent = self.channels.send_extended_data(channel_id, data, data_type)
+        except connection.ChannelClosedError:
+            return 0  # the channel is going away; its close event will reach the handler
         if sent:
             self.schedule_flush()
         return sent

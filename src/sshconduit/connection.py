@@ -430,7 +430,7 @@ class ConnectionLayer:
         channel = self._writable(local_id)
         if channel.state is not OpenState.OPEN:
             return 0
-        total = min(len(data), channel.send_window + 1)
+        total = min(len(data), channel.send_window)
         if total == 0:
             return 0
         send = self._send

@@ -186,7 +186,7 @@ class Transport:
         if self._closed:
             return
         if self._our_kexinit is not None or self._held:
-            self._held.append(parts)
+            self._held.append(tuple(bytes(p) for p in parts))  # the caller may reuse its buffers
             return
         self._seal(parts)
         if self._bytes_since_kex > self.config.rekey_bytes:

@@ -257,6 +257,24 @@ def test_half_close_peer_eof_first_we_keep_sending() -> None:
     assert at_a == [ChannelCloseReceived(a_id)]
 
 
+def test_no_window_adjust_once_the_peer_can_send_no_more() -> None:
+    p = Pair()
+    a_id, b_id = p.open(window=100)
+    assert p.a.layer.send_data(a_id, b"x" * 150) == 100
+    p.a.layer.send_eof(a_id)
+    p.pump()
+    p.b.layer.consumed(b_id, 100)  # all of the window, but after EOF there is nothing to re-open
+    assert p.b.sent_types[messages.ChannelWindowAdjust.ID] == 0
+    a2, b2 = p.open(window=100)
+    p.a.layer.send_data(a2, b"y" * 100)
+    p.pump()
+    p.b.layer.close(b2)
+    p.b.layer.consumed(b2, 100)  # nothing may follow our CLOSE
+    assert p.b.sent_types[messages.ChannelWindowAdjust.ID] == 0
+    with pytest.raises(ValueError):
+        p.b.layer.consumed(b2, 1)  # more than was ever delivered
+
+
 def test_close_ordering_and_id_reuse() -> None:
     p = Pair()
     a0, b0 = p.open()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,8 +35,6 @@ def test_match_pattern_basics() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ab.", max_size=12), st.text(alphabet="ab.*?", max_size=8))
 def test_match_pattern_agrees_with_fnmatch_semantics(name: str, pattern: str) -> None:
-    import re
-
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     assert match_pattern(name, pattern) == bool(re.fullmatch(regex, name, re.DOTALL))
 

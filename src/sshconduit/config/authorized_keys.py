@@ -182,7 +182,8 @@ def _apply_option(options: KeyOptions, name: str, value: str | None) -> None:
         setattr(options, attr, value)
     elif name == "expiry-time":
         # the earliest of several expiry times counts, as in sshd
-        if options.expiry_time is None or _expiry_timestamp(value) < _expiry_timestamp(options.expiry_time):
+        expires = _expiry_timestamp(value)
+        if options.expiry_time is None or expires < _expiry_timestamp(options.expiry_time):
             options.expiry_time = value
     elif name == "environment":
         env_name, sep, _ = value.partition("=")

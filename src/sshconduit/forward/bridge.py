@@ -130,7 +130,7 @@ class StreamBridge(ChannelHandler):
 
     def resume_socket_writing(self) -> None:
         self.writing_paused = False
-        if self._unconsumed:
+        if self._unconsumed and not self._finished:
             n, self._unconsumed = self._unconsumed, 0
             self.conn.consumed(self.channel_id, n)
 

@@ -1,0 +1,243 @@
+"""conduitd: the server, with sshd(8)'s flags and sshd_config(5)'s file format."""
+
+from __future__ import annotations
+
+import asyncio
+import getopt
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..config.sshd_config import ServerConfig, default_server_config, load_server_config
+from ..crypto import keys
+from ..errors import ConfigError, SSHError
+from ..policy import ServerPolicy
+from ..server import ServerOptions, listen
+from ..transport import TransportConfig
+from .logs import setup_logging
+
+log = logging.getLogger("sshconduit.conduitd")
+
+SSHD_OPTIONS = "C:E:b:c:f:g:h:k:o:p:u:46DGQRTdeiqrtV"
+SUPPORTED = set("EfghopDTdeqtVC46")
+EMBEDDED_PORT = 2222
+VERSION = "conduitd (sshconduit 0.1.0)"
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sshconduit"
+
+
+def embedded_config() -> ServerConfig:
+    """No -f at all: serve the current user on 127.0.0.1:2222 with a host key of our own."""
+    cfg = default_server_config()
+    cfg.port = [EMBEDDED_PORT]
+    cfg.listen_addresses = [("127.0.0.1", None)]
+    cfg.host_keys = [str(state_dir() / "ssh_host_ed25519_key")]
+    cfg.password_authentication = False
+    cfg.kbd_interactive_authentication = False
+    cfg.pid_file = None
+    return cfg
+
+
+def own_public_keys() -> list[keys.PublicKey]:
+    """The serving user's own ~/.ssh/id_*.pub: trusted by the embedded default, so ``conduit localhost`` works."""
+    found = []
+    for path in sorted((Path.home() / ".ssh").glob("id_*.pub")):
+        try:
+            found.append(keys.load_public_key_file(path))
+        except SSHError:
+            continue
+    return found
+
+
+def load_host_keys(paths: list[str], generate_missing: bool) -> list[keys.PrivateKey]:
+    loaded = []
+    for path in paths:
+        if not os.path.exists(path):
+            if not generate_missing:
+                continue
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            kind = "ssh-rsa" if "rsa" in os.path.basename(path) else "ssh-ed25519"
+            keys.write_private_key(keys.generate_private_key(kind), path, comment="conduitd host key")
+            log.warning("Generated host key %s", path)
+        try:
+            loaded.append(keys.load_private_key(path))
+        except SSHError as exc:
+            log.error("Unable to load host key \"%s\": %s", path, exc)
+    return loaded
+
+
+def server_options(cfg: ServerConfig, host_keys: list[keys.PrivateKey], embedded: bool) -> ServerOptions:
+    policy = ServerPolicy(
+        authorized_keys_files=cfg.authorized_keys_files,
+        trusted_keys=own_public_keys() if embedded else (),
+        pubkey_authentication=cfg.pubkey_authentication,
+        password_authentication=cfg.password_authentication,
+        kbd_interactive_authentication=cfg.kbd_interactive_authentication,
+        permit_root_login=cfg.permit_root_login,
+        allow_tcp_forwarding=cfg.allow_tcp_forwarding,
+        disable_forwarding=cfg.disable_forwarding,
+        permit_open=cfg.permit_open,
+        allow_users=cfg.allow_users,
+        deny_users=cfg.deny_users,
+    )
+    transport = TransportConfig(
+        kex_algorithms=cfg.kex_algorithms,
+        host_key_algorithms=cfg.host_key_algorithms,
+        ciphers=cfg.ciphers,
+        macs=cfg.macs,
+    )
+    return ServerOptions(
+        listen=cfg.listen_endpoints(),
+        host_keys=host_keys,
+        policy=policy,
+        transport=transport,
+        max_auth_tries=cfg.max_auth_tries,
+        login_grace_time=float(cfg.login_grace_time or 1e9),
+        banner=Path(cfg.banner).read_text() if cfg.banner and cfg.banner != "none" and os.path.exists(cfg.banner) else None,
+        permit_tty=cfg.permit_tty,
+    )
+
+
+def usage_error(message: str) -> int:
+    print(f"conduitd: {message}", file=sys.stderr)
+    print(
+        "usage: conduitd [-46DdeqTtV] [-C connection_spec] [-E log_file] [-f config_file]\n"
+        "                [-g login_grace_time] [-h host_key_file] [-o option] [-p port]",
+        file=sys.stderr,
+    )
+    return 1
+
+
+async def serve(options: ServerOptions, cfg: ServerConfig) -> None:
+    servers = await listen(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if cfg.pid_file and cfg.pid_file != "none":
+        try:
+            Path(cfg.pid_file).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("Couldn't create pid file \"%s\": %s", cfg.pid_file, exc.strerror)
+    await stop.wait()
+    log.info("Received signal; terminating.")
+    for server in servers:
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, rest = getopt.getopt(argv, SSHD_OPTIONS)
+    except getopt.GetoptError as exc:
+        return usage_error(str(exc))
+    if rest:
+        return usage_error(f"extra argument {rest[0]}")
+    config_file: str | None = None
+    cli_options: list[str] = []
+    foreground = to_stderr = test_only = dump = False
+    debug = 0
+    logfile = None
+    for flag, value in opts:
+        letter = flag[1]
+        if letter not in SUPPORTED:
+            return usage_error(f"option -{letter} is not supported by conduitd")
+        if letter == "f":
+            config_file = value
+        elif letter == "p":
+            cli_options.append(f"Port={value}")
+        elif letter == "h":
+            cli_options.append(f"HostKey={value}")
+        elif letter == "o":
+            cli_options.append(value)
+        elif letter == "g":
+            cli_options.append(f"LoginGraceTime={value}")
+        elif letter == "D":
+            foreground = True
+        elif letter == "d":
+            debug += 1
+            foreground = to_stderr = True
+        elif letter == "e":
+            to_stderr = True
+        elif letter == "E":
+            logfile = value
+        elif letter == "t":
+            test_only = True
+        elif letter == "T":
+            dump = True
+        elif letter == "V":
+            print(VERSION, file=sys.stderr)
+            return 0
+    embedded = config_file is None
+    try:
+        cfg = embedded_config() if embedded else load_server_config(config_file, cli_options)  # type: ignore[arg-type]
+        if embedded and cli_options:
+            cfg = _apply_cli_options(cfg, cli_options)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 255
+    level = logging.DEBUG if debug else _log_level(cfg.log_level)
+    setup_logging(level, program="conduitd", syslog=not to_stderr and not logfile, logfile=logfile)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    if dump:
+        print(cfg.dump(), end="")
+        return 0
+    host_keys = load_host_keys(cfg.host_keys, generate_missing=embedded or any(f == "-h" for f, _ in opts))
+    if not host_keys:
+        print("conduitd: no hostkeys available -- exiting.", file=sys.stderr)
+        return 1
+    if test_only:
+        return 0
+    options = server_options(cfg, host_keys, embedded)
+    if embedded:
+        log.warning(
+            "conduitd: serving %s on 127.0.0.1 port %d (embedded default: host key %s, trusting "
+            "~/.ssh/authorized_keys and your own ~/.ssh/id_*.pub)",
+            os.environ.get("USER", "you"),
+            cfg.port[0],
+            cfg.host_keys[0],
+        )
+    if not foreground:
+        _daemonize()
+    try:
+        asyncio.run(serve(options, cfg))
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 255
+    return 0
+
+
+def _apply_cli_options(cfg: ServerConfig, options: list[str]) -> ServerConfig:
+    from ..config.sshd_config import parse_server_options
+
+    return parse_server_options(options, cfg)
+
+
+def _log_level(name: str) -> int:
+    name = name.upper()
+    if name.startswith("DEBUG"):
+        return logging.DEBUG
+    if name in ("QUIET", "FATAL", "ERROR"):
+        return logging.ERROR
+    return logging.INFO
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Fixtures that start real peers on loopback with throwaway keys: OpenSSH's sshd, conduitd, echo services."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+USER = getpass.getuser()
+START_TIMEOUT = 15.0
+
+
+def env_with_src() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}:\n{out}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {host}:{port} within {START_TIMEOUT}s")
+
+
+def keygen(path: Path, kind: str = "ed25519", passphrase: str = "") -> Path:
+    if not path.exists():
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-C", f"test-{kind}", "-f", str(path)], check=True
+        )
+    return path
+
+
+class KeySet:
+    """Host keys of every type, a client key, and an authorized_keys file, in one temp dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host_keys = {
+            "ed25519": keygen(root / "host_ed25519"),
+            "ecdsa": keygen(root / "host_ecdsa", "ecdsa"),
+            "rsa": keygen(root / "host_rsa", "rsa"),
+        }
+        self.client_key = keygen(root / "id_ed25519")
+        self.authorized_keys = root / "authorized_keys"
+        self.authorized_keys.write_text((root / "id_ed25519.pub").read_text())
+        self.authorized_keys.chmod(0o600)
+
+
+@pytest.fixture(scope="session")
+def keyset(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
+    return KeySet(tmp_path_factory.mktemp("keys"))
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen, port: int, config: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.config = config
+
+    def output(self) -> str:
+        self.stop()
+        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def server_config_text(keyset: KeySet, port: int, host_key: str = "ed25519", extra: str = "") -> str:
+    return (
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keyset.host_keys[host_key]}\n"
+        f"AuthorizedKeysFile {keyset.authorized_keys}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"PidFile none\n{extra}"
+    )
+
+
+@contextlib.contextmanager
+def start_daemon(argv: list[str], port: int, config: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon(proc, port, config)
+    try:
+        wait_for_port(port, proc)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def openssh_server(keyset: KeySet, tmp_path: Path):
+    """Factory: ``with openssh_server(extra_config) as d: d.port``."""
+    Path("/run/sshd").mkdir(exist_ok=True)
+
+    def start(extra: str = "", host_key: str = "ed25519", args: tuple[str, ...] = ()):
+        port = free_port()
+        config = tmp_path / f"sshd_config.{port}"
+        config.write_text(server_config_text(keyset, port, host_key, extra))
+        return start_daemon([SSHD, "-D", "-e", "-f", str(config), *args], port, config)
+
+    return start
+
+
+@pytest.fixture
+def conduitd_server(keyset: KeySet, tmp_path: Path):
+    """Factory: ``with conduitd_server(extra_config) as d: d.port`` — our daemon on the same kind of file."""
+
+    def start(extra: str = "", host_key: str = "ed25519", args: tuple[str, ...] = ()):
+        port = free_port()
+        config = tmp_path / f"conduitd_config.{port}"
+        config.write_text(server_config_text(keyset, port, host_key, extra))
+        argv = [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config), *args]
+        return start_daemon(argv, port, config, env_with_src())
+
+    return start
+
+
+def ssh_argv(keyset: KeySet, port: int, *args: str) -> list[str]:
+    """OpenSSH's client with no user config, throwaway known_hosts, batch mode."""
+    return [
+        "ssh", "-F", "none", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i", str(keyset.client_key), "-p", str(port),
+        *args,
+    ]  # fmt: skip
+
+
+def conduit_argv(keyset: KeySet, port: int, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "sshconduit.cli.conduit", "-F", "none", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-i", str(keyset.client_key),
+        "-p", str(port), *args,
+    ]  # fmt: skip
+
+
+def run_client(argv: list[str], timeout: float = 30, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL, capture_output=True,
+        timeout=timeout, env=env_with_src(),
+    )  # fmt: skip
+
+
+class EchoServer:
+    """A threaded TCP echo service on a loopback address; counts its connections."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(512)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(262144):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def echo_through(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
+    """Send payload, half-close, read everything back."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(262144):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def tunnel(argv: list[str], lport: int) -> Iterator[subprocess.Popen]:
+    """Run a client with -N -L until the forwarded port answers; stop it afterwards."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env_with_src())  # fmt: skip
+    try:
+        wait_for_port(lport, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
