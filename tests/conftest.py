@@ -211,13 +211,20 @@ def echo_server() -> Iterator[EchoServer]:
 
 
 def echo_through(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
-    """Send payload, half-close, read everything back."""
+    """Send payload from a thread (flow control would stall a send-then-read), half-close, read all back."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         chunks = []
         while chunk := s.recv(262144):
             chunks.append(chunk)
+        sender.join(timeout)
     return b"".join(chunks)
 
 

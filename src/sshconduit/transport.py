@@ -51,7 +51,17 @@ class TransportConfig:
     software_version: str = SOFTWARE_VERSION
     strict_kex: bool = True
 
+    def __post_init__(self) -> None:
+        # Config files carry OpenSSH's full lists (sntrup761, umac, ...); offer only what we implement.
+        self.kex_algorithms = tuple(a for a in self.kex_algorithms if a in kex.KEX_ALGORITHMS)
+        self.ciphers = tuple(a for a in self.ciphers if a in protection.CIPHERS)
+        self.macs = tuple(a for a in self.macs if a in protection.MACS)
+        self.host_key_algorithms = tuple(a for a in self.host_key_algorithms if a in SIGNATURE_ALGORITHMS)
 
+
+SIGNATURE_ALGORITHMS = frozenset(
+    ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+)
 DEFAULT_HOST_KEY_ALGORITHMS = (
     "ssh-ed25519",
     "ecdsa-sha2-nistp256",

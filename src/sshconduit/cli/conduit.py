@@ -145,7 +145,9 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
         ciphers=cfg.ciphers,
         macs=cfg.macs,
     )
-    methods = [m.strip() for m in (cfg.preferred_authentications or "publickey,keyboard-interactive,password").split(",")]
+    if cfg.rekey_limit[0]:
+        transport.rekey_bytes = cfg.rekey_limit[0]
+    methods = list(cfg.preferred_authentications)
     if not cfg.pubkey_authentication:
         methods = [m for m in methods if m != "publickey"]
     if not cfg.password_authentication:
@@ -188,7 +190,7 @@ async def run(inv: Invocation, cfg: ClientConfig) -> int:
     try:
         client = await connect_with_options(options)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
         if isinstance(exc, socket.gaierror):
             print(f"ssh: Could not resolve hostname {options.host}: {reason}", file=sys.stderr)
         else:

@@ -194,6 +194,7 @@ class ServerConfig:
     warnings: list[str] = field(default_factory=list)
     _main_lines: list[ConfigLine] = field(default_factory=list, repr=False, compare=False)
     _match_blocks: list[_MatchBlock] = field(default_factory=list, repr=False, compare=False)
+    _from_file: set[str] = field(default_factory=set, repr=False, compare=False)  # attrs the lines set
 
     def listen_endpoints(self) -> list[tuple[str, int]]:
         """(address, port) pairs to bind: ListenAddress without a port takes every Port."""
@@ -270,7 +271,26 @@ def parse_server_options(options: Sequence[str], cfg: ServerConfig) -> ServerCon
         if line.keyword.lower() in ("match", "include"):
             raise ConfigError(f"command-line: line 0: Directive '{line.keyword}' is not allowed here")
         option_lines.append(line)
-    return _build(option_lines + cfg._main_lines, cfg._match_blocks)
+    option_values: dict[str, Any] = {}
+    warnings = list(cfg.warnings)
+    for line in option_lines:
+        _apply_line(line, option_values, in_match=False, warnings=warnings)
+    # Work on the object as given (a caller may have set attributes by hand): an option replaces the
+    # value, except that lists sshd accumulates (Port, HostKey, ...) keep what the file itself gave.
+    merged: dict[str, Any] = {}
+    for attr, value in option_values.items():
+        current = getattr(cfg, attr)
+        if attr in cfg._from_file and isinstance(value, list):
+            merged[attr] = value + [v for v in current if v not in value]
+        elif attr in cfg._from_file and isinstance(value, dict):
+            merged[attr] = {**current, **value}
+        else:
+            merged[attr] = value
+    result = dataclasses.replace(cfg, **merged, warnings=warnings)
+    result._main_lines = option_lines + cfg._main_lines
+    result._match_blocks = cfg._match_blocks
+    result._from_file = cfg._from_file | set(option_values)
+    return result
 
 
 def _build(main_lines: list[ConfigLine], blocks: list[_MatchBlock]) -> ServerConfig:
@@ -285,6 +305,7 @@ def _build(main_lines: list[ConfigLine], blocks: list[_MatchBlock]) -> ServerCon
     cfg = ServerConfig(**values, warnings=warnings)
     cfg._main_lines = main_lines
     cfg._match_blocks = blocks
+    cfg._from_file = set(values)
     return cfg
 
 

@@ -21,7 +21,8 @@ OPEN_CONNECT_FAILED = 2
 def _reason(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return exc.strerror or "Name or service not known"
-    return exc.strerror or os.strerror(exc.errno or errno.EIO)
+    # asyncio's "Connect call failed (...)" hides the plain reason users search for.
+    return os.strerror(exc.errno) if exc.errno else exc.strerror or os.strerror(errno.EIO)
 
 
 async def connect_tcp(host: str, port: int, label: str) -> StreamBridge:

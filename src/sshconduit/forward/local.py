@@ -24,7 +24,8 @@ class ForwardError(SSHError):
 
 
 def bind_error(host: str, port: int | str, exc: OSError) -> ForwardError:
-    text = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    # asyncio wraps the reason in "error while attempting to bind ..."; users search for the plain one.
+    text = os.strerror(exc.errno) if exc.errno else exc.strerror or "unknown error"
     message = f"bind [{host}]:{port}: {text}"
     if exc.errno == errno.EACCES and isinstance(port, int) and 0 < port < 1024:
         message += " (ports below 1024 need root)"
