@@ -23,6 +23,17 @@ USER = getpass.getuser()
 START_TIMEOUT = 15.0
 
 
+def openssh_kex_methods() -> set[str]:
+    out = subprocess.run(["ssh", "-Q", "kex"], capture_output=True, text=True, timeout=10).stdout
+    return set(out.split())
+
+
+def as_local_openssh_kex(csv: str) -> str:
+    """Our default kex list as the installed OpenSSH would print it: without methods newer than it."""
+    known = openssh_kex_methods()
+    return ",".join(name for name in csv.split(",") if name in known)
+
+
 def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -152,6 +152,7 @@ class Transport:
         self._seq_in = 0
         self._seq_out = 0
         self._packet_length: int | None = None
+        self._pre_version_lines = 0  # counted across reads: a server may send them one per segment
         # kex state
         self.session_id: bytes | None = None
         self.algorithms: Algorithms | None = None
@@ -264,7 +265,6 @@ class Transport:
 
     def _read_version(self) -> bool:
         buf = self._in
-        lines_seen = 0
         while True:
             end = buf.find(b"\n")
             if end < 0:
@@ -276,10 +276,10 @@ class Transport:
             if line.startswith(b"SSH-"):
                 break
             # Only a server may send other lines before its version (RFC 4253 4.2).
-            lines_seen += 1
+            self._pre_version_lines += 1
             if self.role is Role.SERVER:
                 raise ProtocolError("Invalid SSH identification string", DisconnectReason.PROTOCOL_ERROR)
-            if lines_seen > limits.MAX_PRE_VERSION_LINES or end > limits.MAX_VERSION_LINE:
+            if self._pre_version_lines > limits.MAX_PRE_VERSION_LINES or end > limits.MAX_VERSION_LINE:
                 raise ProtocolError("too many lines before the version line")
         if len(line) > limits.MAX_VERSION_LINE:
             raise ProtocolError("version line too long")
@@ -322,6 +322,10 @@ class Transport:
         elif msg_id in (2, 3, 4):
             pass  # IGNORE, UNIMPLEMENTED, DEBUG: nothing to do
         elif msg_id == 7:
+            # Only valid under the new keys (RFC 8308 2.4): a plaintext one is an injection that, without
+            # strict kex, would survive a Terrapin-style drop of the real one and downgrade server-sig-algs.
+            if self._kex_count == 0 and not self._newkeys_received:
+                raise ProtocolError("EXT_INFO before the first NEWKEYS")
             self._on_ext_info(payload, events)
         elif self._kex_count == 0:
             raise ProtocolError(f"message {msg_id} before the first key exchange finished")

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,39 @@ def authorized_blob(authorized_keys: Path) -> str:
 
 # --- AsyncSSH ---
 
+_ASYNCSSH_KEX = re.compile(r"Key exchange alg: (\S+)")
+
+
+class _KexLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.kex: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if m := _ASYNCSSH_KEX.search(record.getMessage()):
+            self.kex.append(m[1])
+
+
+@contextlib.contextmanager
+def asyncssh_kex_log() -> Iterator[list[str]]:
+    """The kex method of each AsyncSSH connection in this process, in order.
+
+    AsyncSSH drops its kex object once the exchange ends and has no accessor for the name; its level-2 debug
+    log is the one place that states it.
+    """
+    logger = logging.getLogger("asyncssh")
+    handler = _KexLog()
+    old_level, old_debug = logger.level, asyncssh.logging.SSHLogger._debug_level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    asyncssh.set_debug_level(2)
+    try:
+        yield handler.kex
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        asyncssh.logging.SSHLogger._debug_level = old_debug
+
 
 def _aead_or(mac: str) -> str | None:
     """AsyncSSH reports an AEAD cipher's name as its MAC; the SSH view is 'no separate MAC'."""
@@ -60,8 +96,9 @@ def _aead_or(mac: str) -> str | None:
 
 
 class _AsyncsshServerHooks(asyncssh.SSHServer):
-    def __init__(self, record: PeerRecord) -> None:
+    def __init__(self, record: PeerRecord, kex_log: list[str]) -> None:
         self.record = record
+        self.kex_log = kex_log
         self.conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -74,11 +111,10 @@ class _AsyncsshServerHooks(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         conn = self.conn
         assert conn is not None
-        kex = getattr(conn, "_kex", None)  # AsyncSSH has no public accessor for the kex method
         keypair = conn.get_server_host_key()
         self.record.negotiated.append(
             Negotiated(
-                kex=kex.algorithm.decode() if kex is not None else "?",
+                kex=self.kex_log[-1] if self.kex_log else "?",  # one connection at a time in these tests
                 host_key=keypair.sig_algorithm.decode() if keypair is not None else None,
                 cipher_c2s=conn.get_extra_info("recv_cipher"),
                 cipher_s2c=conn.get_extra_info("send_cipher"),
@@ -139,15 +175,16 @@ class AsyncsshServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncssh.SSHAcceptor | None = None
+        self._kex_log = asyncssh_kex_log()
 
     async def _start(self) -> None:
-        record = self.record
+        record, kex_log = self.record, self._kex
         self._server = await asyncssh.listen(
             "127.0.0.1",
             0,
             server_host_keys=[str(self.host_key)],
             authorized_client_keys=str(self.authorized_keys),
-            server_factory=lambda: _AsyncsshServerHooks(record),
+            server_factory=lambda: _AsyncsshServerHooks(record, kex_log),
             process_factory=lambda process: _run_exec(process, record),
             encoding=None,
             allow_pty=False,
@@ -163,6 +200,7 @@ class AsyncsshServer:
             await self._server.wait_closed()
 
     def __enter__(self) -> AsyncsshServer:
+        self._kex = self._kex_log.__enter__()
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(THREAD_TIMEOUT)
         return self
@@ -175,6 +213,7 @@ class AsyncsshServer:
             self._thread.join(THREAD_TIMEOUT)
             if not self._thread.is_alive():
                 self._loop.close()
+            self._kex_log.__exit__(None, None, None)
 
 
 # --- Paramiko ---
@@ -333,11 +372,15 @@ class ParamikoServer:
             thread.join(THREAD_TIMEOUT)
 
     def _accept(self) -> None:
+        self.sock.settimeout(0.1)  # close() from another thread does not wake a blocked accept()
         while not self._stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             self._threads.append(_start_thread(self._serve, conn))
 
     def _serve(self, conn: socket.socket) -> None:

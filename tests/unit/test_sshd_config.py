@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import as_local_openssh_kex
 
 from sshconduit.config.sshd_config import (
     ServerConfig,
@@ -404,6 +405,7 @@ def _dump_to_dict(text: str) -> dict[str, list[str]]:
 
 def _compare(ours: ServerConfig, theirs: dict[str, list[str]]) -> None:
     mine = _dump_to_dict(ours.dump())
+    mine["kexalgorithms"] = [as_local_openssh_kex(v) for v in mine.get("kexalgorithms", [])]
     common = set(mine) & set(theirs)
     assert len(common) > 40
     assert {key: mine[key] for key in common} == {key: theirs[key] for key in common}

@@ -80,7 +80,10 @@ KNOWN_KEX: tuple[str, ...] = (
     "sntrup761x25519-sha512@openssh.com",
     "mlkem768x25519-sha256",
 )
+# OpenSSH 9.9's default: the post-quantum hybrid first (9.2 on Debian 12 lacks mlkem; the transport
+# offers only what it implements, so a 9.2 peer simply negotiates the next one).
 DEFAULT_KEX: tuple[str, ...] = (
+    "mlkem768x25519-sha256",
     "sntrup761x25519-sha512",
     "sntrup761x25519-sha512@openssh.com",
     "curve25519-sha256",
