@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import fcntl
 import fnmatch
+import functools
 import logging
 import os
 import pwd
 import signal
 import termios
 from collections.abc import Callable
+from typing import cast
 
 from . import limits
 from .aio import ChannelHandler
@@ -57,8 +59,7 @@ class _ProcessOutput(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.ReadTransport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self.session._output(self, data)
@@ -255,7 +256,7 @@ class ServerSession(ChannelHandler):
                 env["TERM"] = self.pty.term or "vt100"
                 env["SSH_TTY"] = os.ttyname(slave)
                 stdio = (slave, slave, slave)
-                preexec: Callable[[], None] | None = _take_controlling_tty
+                preexec: Callable[[], None] | None = functools.partial(_take_controlling_tty, slave)
             else:
                 pipes = [os.pipe() for _ in range(3)]
                 stdio = (pipes[0][0], pipes[1][1], pipes[2][1])
@@ -270,7 +271,7 @@ class ServerSession(ChannelHandler):
                 stderr=stdio[2],
                 env=env,
                 cwd=cwd,
-                start_new_session=True,
+                start_new_session=preexec is None,  # else the preexec makes the session itself
                 preexec_fn=preexec,
             )
         except OSError as exc:
@@ -445,9 +446,13 @@ def _signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
 
 
-def _take_controlling_tty() -> None:
-    """In the child, after setsid(): make the pty slave (already fd 0) the controlling terminal."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _take_controlling_tty(slave: int) -> None:
+    """In the child: a new session whose controlling terminal is the pty slave.
+
+    By its number, and with its own setsid(): uvloop runs this before stdio is set up, the stdlib after.
+    """
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
 
 def _size_of(pty: PtyReq) -> tuple[int, int, int, int]:

@@ -22,6 +22,8 @@ import asyncssh
 import paramiko
 
 THREAD_TIMEOUT = 10.0
+PARAMIKO_LOG = "paramiko.transport.interop"
+PARAMIKO_KEX = r"^Kex: (\S+)"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -56,17 +58,30 @@ def authorized_blob(authorized_keys: Path) -> str:
 
 # --- AsyncSSH ---
 
-_ASYNCSSH_KEX = re.compile(r"Key exchange alg: (\S+)")
-
-
-class _KexLog(logging.Handler):
-    def __init__(self) -> None:
+class _Matches(logging.Handler):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
         super().__init__(logging.DEBUG)
-        self.kex: list[str] = []
+        self.pattern = pattern
+        self.found: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if m := _ASYNCSSH_KEX.search(record.getMessage()):
-            self.kex.append(m[1])
+        if m := self.pattern.search(record.getMessage()):
+            self.found.append(m[1])
+
+
+@contextlib.contextmanager
+def log_matches(logger_name: str, pattern: str) -> Iterator[list[str]]:
+    """First groups of ``pattern`` in what ``logger_name`` logs (at DEBUG too) while the block runs."""
+    logger = logging.getLogger(logger_name)
+    handler = _Matches(re.compile(pattern))
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 @contextlib.contextmanager
@@ -76,23 +91,13 @@ def asyncssh_kex_log() -> Iterator[list[str]]:
     AsyncSSH drops its kex object once the exchange ends and has no accessor for the name; its level-2 debug
     log is the one place that states it.
     """
-    logger = logging.getLogger("asyncssh")
-    handler = _KexLog()
-    old_level, old_debug = logger.level, asyncssh.logging.SSHLogger._debug_level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+    old_debug = asyncssh.logging.SSHLogger._debug_level
     asyncssh.set_debug_level(2)
     try:
-        yield handler.kex
+        with log_matches("asyncssh", r"Key exchange alg: (\S+)") as found:
+            yield found
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
         asyncssh.logging.SSHLogger._debug_level = old_debug
-
-
-def _aead_or(mac: str) -> str | None:
-    """AsyncSSH reports an AEAD cipher's name as its MAC; the SSH view is 'no separate MAC'."""
-    return None if mac.endswith("@openssh.com") and ("gcm" in mac or "poly1305" in mac) else mac
 
 
 class _AsyncsshServerHooks(asyncssh.SSHServer):
@@ -386,6 +391,12 @@ class ParamikoServer:
     def _serve(self, conn: socket.socket) -> None:
         transport = paramiko.Transport(conn)
         self._transports.append(transport)
+        channel = f"{PARAMIKO_LOG}.server{len(self._transports)}"
+        transport.set_log_channel(channel)
+        with log_matches(channel, PARAMIKO_KEX) as kex_log:
+            self._run_transport(transport, kex_log)
+
+    def _run_transport(self, transport: paramiko.Transport, kex_log: list[str]) -> None:
         options = transport.get_security_options()
         if self.ciphers is not None:
             options.ciphers = self.ciphers
@@ -406,19 +417,18 @@ class ParamikoServer:
             chan = transport.accept(0.2)
             if not recorded and transport.is_authenticated():
                 recorded = True
-                self.record.negotiated.append(_paramiko_negotiated(transport, server=True))
+                self.record.negotiated.append(_paramiko_negotiated(transport, kex_log, server=True))
             if chan is not None and chan.get_id() in interface.direct:
                 _start_thread(_forward, chan, interface.direct.pop(chan.get_id()), self.record)
         transport.close()
 
 
-def _paramiko_negotiated(transport: paramiko.Transport, *, server: bool) -> Negotiated:
+def _paramiko_negotiated(transport: paramiko.Transport, kex_log: list[str], *, server: bool) -> Negotiated:
     """Transport's local_* is what it sends: c2s is remote_* on a server, local_* on a client."""
     aead = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
     local_mac = None if transport.local_cipher in aead else transport.local_mac
     remote_mac = None if transport.remote_cipher in aead else transport.remote_mac
-    engine = transport.kex_engine
-    kex = getattr(engine, "name", None) or _paramiko_kex_name(engine)
+    kex = kex_log[-1] if kex_log else "?"  # Paramiko drops its kex engine when done; its log names it
     if server:
         return Negotiated(kex, transport.host_key_type, transport.remote_cipher, transport.local_cipher,
                           remote_mac, local_mac)  # fmt: skip
@@ -426,13 +436,5 @@ def _paramiko_negotiated(transport: paramiko.Transport, *, server: bool) -> Nego
                       local_mac, remote_mac)  # fmt: skip
 
 
-def _paramiko_kex_name(engine: object) -> str:
-    """Some kex classes carry no ``name``: find it in Paramiko's own name → class table."""
-    for name, cls in paramiko.Transport._kex_info.items():
-        if type(engine) is cls:
-            return name
-    return "?"
-
-
-def paramiko_client_negotiated(transport: paramiko.Transport) -> Negotiated:
-    return _paramiko_negotiated(transport, server=False)
+def paramiko_client_negotiated(transport: paramiko.Transport, kex_log: list[str]) -> Negotiated:
+    return _paramiko_negotiated(transport, kex_log, server=False)
