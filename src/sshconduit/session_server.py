@@ -441,7 +441,7 @@ class ServerSession(ChannelHandler):
 
 
 def _signal_group(pid: int, signum: int) -> None:
-    # start_new_session made the child its own process group leader
+    # the child leads its own session and process group (start_new_session, or setsid in the pty preexec)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
 

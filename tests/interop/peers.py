@@ -100,6 +100,11 @@ def asyncssh_kex_log() -> Iterator[list[str]]:
         asyncssh.logging.SSHLogger._debug_level = old_debug
 
 
+def _aead_or(mac: str) -> str | None:
+    """AsyncSSH reports an AEAD cipher's name as its MAC; the SSH view is 'no separate MAC'."""
+    return None if "gcm@" in mac or "poly1305@" in mac else mac
+
+
 class _AsyncsshServerHooks(asyncssh.SSHServer):
     def __init__(self, record: PeerRecord, kex_log: list[str]) -> None:
         self.record = record

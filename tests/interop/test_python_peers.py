@@ -36,11 +36,21 @@ from conftest import (  # noqa: E402
     start_daemon,
     tunnel,
 )
-from peers import AsyncsshServer, Negotiated, asyncssh_kex_log, ParamikoServer, paramiko_client_negotiated  # noqa: E402
+from peers import (  # noqa: E402
+    PARAMIKO_KEX,
+    PARAMIKO_LOG,
+    AsyncsshServer,
+    Negotiated,
+    ParamikoServer,
+    asyncssh_kex_log,
+    log_matches,
+    paramiko_client_negotiated,
+)
 
 EXEC = "echo ok-$((6*7)); exit 3"
 MIB = 1 << 20
 TIMEOUT = 10.0
+CLIENT_LOG = PARAMIKO_LOG + ".client"
 
 # What each pairing settles on with nobody's defaults changed: the client's first choice the server also has.
 DEFAULT_CIPHERS = {
@@ -248,8 +258,10 @@ def test_local_forward_asyncssh_to_conduitd(conduitd, keyset, echo_server):
 # --- Paramiko (client) → conduitd (server) ---
 
 
-def paramiko_connect(keyset: KeySet, port: int, **options: object) -> paramiko.SSHClient:
+def paramiko_connect(keyset: KeySet, port: int, log_channel: str | None = None, **options: object) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
+    if log_channel is not None:
+        client.set_log_channel(log_channel)
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     client.connect(
         "127.0.0.1", port, username=USER, key_filename=str(keyset.client_key), look_for_keys=False,
@@ -522,11 +534,12 @@ def test_algorithms_paramiko_client_to_conduitd(conduitd, keyset, force, expecte
         disabled = {"ciphers": paramiko_disabled("ciphers", (cipher,)), "kex": paramiko_disabled("kex", (kex,))}
         if mac is not None:
             disabled["macs"] = paramiko_disabled("macs", (mac,))
-    client = paramiko_connect(keyset, conduitd.port, disabled_algorithms=disabled)
+    with log_matches(CLIENT_LOG, PARAMIKO_KEX) as kex_log:
+        client = paramiko_connect(keyset, conduitd.port, CLIENT_LOG, disabled_algorithms=disabled)
     try:
         transport = client.get_transport()
         assert transport is not None
-        theirs = paramiko_client_negotiated(transport)
+        theirs = paramiko_client_negotiated(transport, kex_log)
         out, err, status = paramiko_exec(client, EXEC)
     finally:
         client.close()
@@ -550,9 +563,10 @@ def test_forced_by_conduitd_server(keyset, tmp_path):
                     return asyncssh_client_view(conn, kex_log), result.exit_status
 
         asyncssh_view, asyncssh_status = asyncio.run(asyncssh_run())
-        client = paramiko_connect(keyset, daemon.port)
+        with log_matches(CLIENT_LOG, PARAMIKO_KEX) as kex_log:
+            client = paramiko_connect(keyset, daemon.port, CLIENT_LOG)
         try:
-            paramiko_view = paramiko_client_negotiated(client.get_transport())  # type: ignore[arg-type]
+            paramiko_view = paramiko_client_negotiated(client.get_transport(), kex_log)  # type: ignore[arg-type]
             _, _, paramiko_status = paramiko_exec(client, EXEC)
         finally:
             client.close()
