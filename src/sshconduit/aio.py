@@ -142,6 +142,9 @@ class SSHConnection(asyncio.Protocol):
             self._grace_timer.cancel()
         if self.close_reason is None:
             self.close_reason = Disconnected(DisconnectReason.CONNECTION_LOST, "Connection closed by remote host")
+            if self.role is Role.SERVER:  # as sshd: a peer that just hangs up still leaves a trace
+                preauth = "" if self.user else " [preauth]"
+                log.info("Connection closed by %s port %d%s", self.peername[0], self.peername[1], preauth)
         for handler in list(self.handlers.values()):
             try:
                 handler.connection_lost()
@@ -154,6 +157,7 @@ class SSHConnection(asyncio.Protocol):
                     fut.set_result(None)
                 else:
                     fut.set_exception(self.close_reason)
+                    fut.exception()  # retrieved: on a server nobody awaits kex_done, and asyncio would warn
         for reply in self._global_replies:
             if not reply.done():
                 reply.set_exception(self.close_reason)

@@ -16,6 +16,7 @@ import logging
 import os
 import pwd
 import signal
+import subprocess
 import termios
 from collections.abc import Callable
 from typing import cast
@@ -91,6 +92,71 @@ class _ProcessInput(asyncio.Protocol):
         self.session._stdin_drained()
 
 
+class _PtyWriter:
+    """Writes the process's input to the pty master.
+
+    Not a write-pipe transport: uvloop's watches its fd for reads to notice the far end closing, and on a pty
+    master that read would swallow the process's output.
+    """
+
+    HIGH_WATER = 64 * 1024
+    LOW_WATER = 16 * 1024
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: _ProcessInput) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._protocol = protocol
+        self._buffer = bytearray()
+        self._paused = False
+        self._closing = False
+        os.set_blocking(fd, False)
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._buffer:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                pass
+            except OSError:  # EIO: the slave side is gone
+                self.close()
+                return
+            if not data:
+                return
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+        if not self._paused and len(self._buffer) > self.HIGH_WATER:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def _write_ready(self) -> None:
+        try:
+            del self._buffer[: os.write(self._fd, self._buffer)]
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+        if self._paused and len(self._buffer) <= self.LOW_WATER:
+            self._paused = False
+            self._protocol.resume_writing()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._buffer.clear()
+        self._loop.remove_writer(self._fd)
+        os.close(self._fd)
+        self._protocol.connection_lost(None)
+
+
 class ServerSession(ChannelHandler):
     """A "session" channel on the server: runs one shell or command, with or without a pty."""
 
@@ -117,7 +183,7 @@ class ServerSession(ChannelHandler):
         self.returncode: int | None = None  # negative: killed by that signal (subprocess convention)
         self._master_fd = -1  # owned by the read transport once connected
         self._outputs: list[_ProcessOutput] = []
-        self._stdin: asyncio.WriteTransport | None = None
+        self._stdin: asyncio.WriteTransport | _PtyWriter | None = None
         self._stdin_side: _ProcessInput | None = None
         self._early_input: list[bytes] = []  # channel data before the process runs
         self._unconsumed = 0  # written to stdin while it was full: consumed() once it drains
@@ -234,8 +300,10 @@ class ServerSession(ChannelHandler):
             if command is not None:
                 env["SSH_ORIGINAL_COMMAND"] = command
             command = self.forced_command
-        if command is None:
-            argv = ["-" + os.path.basename(self.user_shell)]  # argv0 "-sh": a login shell
+        if command is None and _keeps_argv0(asyncio.get_running_loop()):
+            argv = ["-" + os.path.basename(self.user_shell)]  # argv0 "-sh": a login shell, as sshd starts it
+        elif command is None:
+            argv = [self.user_shell, "-l"]
         else:
             argv = [os.path.basename(self.user_shell), "-c", command]
         self._task = asyncio.get_running_loop().create_task(self._run(argv, env))
@@ -274,11 +342,12 @@ class ServerSession(ChannelHandler):
                 start_new_session=preexec is None,  # else the preexec makes the session itself
                 preexec_fn=preexec,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: the pty preexec failed
             for fd in child_fds + parent_fds:
                 os.close(fd)
-            log.info("channel %d: cannot run %s: %s", self.channel_id, self.user_shell, exc.strerror)
-            self._send(f"{self.user_shell}: {exc.strerror}\r\n".encode(), EXTENDED_DATA_STDERR)
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.info("channel %d: cannot run %s: %s", self.channel_id, self.user_shell, reason)
+            self._send(f"{self.user_shell}: {reason}\r\n".encode(), EXTENDED_DATA_STDERR)
             self.returncode = 127
             self._maybe_finish()
             return
@@ -316,11 +385,13 @@ class ServerSession(ChannelHandler):
             output = _ProcessOutput(self, data_type)
             self._outputs.append(output)
             await loop.connect_read_pipe(lambda output=output: output, os.fdopen(fd, "rb", buffering=0))
-        self._stdin_side = _ProcessInput(self)
-        transport, _ = await loop.connect_write_pipe(
-            lambda: self._stdin_side, os.fdopen(stdin_fd, "wb", buffering=0)
-        )
-        self._stdin = transport
+        self._stdin_side = side = _ProcessInput(self)
+        if self.pty is not None:
+            self._stdin = _PtyWriter(loop, stdin_fd, side)
+        else:
+            self._stdin, _ = await loop.connect_write_pipe(
+                lambda: side, os.fdopen(stdin_fd, "wb", buffering=0)
+            )
         early, self._early_input = self._early_input, []
         for data in early:
             self._write_stdin(data)
@@ -453,6 +524,11 @@ def _take_controlling_tty(slave: int) -> None:
     """
     os.setsid()
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+
+def _keeps_argv0(loop: asyncio.AbstractEventLoop) -> bool:
+    """uvloop replaces argv[0] with ``executable``, so a login shell has to be asked for with -l there."""
+    return not type(loop).__module__.startswith("uvloop")
 
 
 def _size_of(pty: PtyReq) -> tuple[int, int, int, int]:

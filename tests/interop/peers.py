@@ -1,7 +1,7 @@
 """SSH servers built from AsyncSSH and Paramiko, run in-process on loopback for interop tests.
 
 Each runs exec requests with ``/bin/sh -c`` and opens direct-tcpip channels to loopback destinations, and
-records what it saw (commands, forward destinations, negotiated algorithms) so tests can check the peer's view.
+records what it saw (commands, forward destinations, negotiated algorithms) so tests can check its view.
 """
 
 from __future__ import annotations
@@ -56,7 +56,79 @@ def authorized_blob(authorized_keys: Path) -> str:
     return authorized_keys.read_text().split()[1]
 
 
+# --- a destination that half-closes first ---
+
+GREETING = b"220 greeting, then EOF from this side\r\n"
+
+
+class GreetThenDrain:
+    """A TCP service that sends a greeting and shuts its write side at once, then reads to EOF.
+
+    Through a forward, the client must see that EOF while its own direction stays open, and everything it
+    sends afterwards must still arrive: the half-close the echo server cannot show (it closes last).
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []  # one entry per connection, once its client half-closed
+        self.arrived = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(THREAD_TIMEOUT)
+        chunks = []
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(GREETING)
+            conn.shutdown(socket.SHUT_WR)
+            while chunk := conn.recv(262144):
+                chunks.append(chunk)
+        with self.arrived:
+            self.received.append(b"".join(chunks))
+            self.arrived.notify_all()
+
+    def wait_for(self, data: bytes, timeout: float = THREAD_TIMEOUT) -> bool:
+        """True once some connection delivered exactly ``data`` (readiness probes deliver b"")."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: data in self.received, timeout)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.sock.close()
+        self._thread.join(THREAD_TIMEOUT)
+
+
+def greet_then_send(port: int, data: bytes, timeout: float = THREAD_TIMEOUT) -> bytes:
+    """Read the greeting up to its EOF, then send ``data`` and half-close; returns the greeting."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        chunks = []
+        while chunk := sock.recv(65536):  # a lost EOF from the far side times out here
+            chunks.append(chunk)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):  # wait for the close, so nothing is cut off by ours
+                pass
+    return b"".join(chunks)
+
+
 # --- AsyncSSH ---
+
 
 class _Matches(logging.Handler):
     def __init__(self, pattern: re.Pattern[str]) -> None:
@@ -162,7 +234,8 @@ async def _run_exec(process: asyncssh.SSHServerProcess, record: PeerRecord) -> N
     feeder = asyncio.create_task(feed_stdin())
     try:
         await asyncio.wait_for(
-            asyncio.gather(relay(proc.stdout, process.stdout), relay(proc.stderr, process.stderr)), THREAD_TIMEOUT
+            asyncio.gather(relay(proc.stdout, process.stdout), relay(proc.stderr, process.stderr)),
+            THREAD_TIMEOUT,
         )
         status = await asyncio.wait_for(proc.wait(), THREAD_TIMEOUT)
     finally:
@@ -340,7 +413,7 @@ class _ParamikoInterface(paramiko.ServerInterface):
 
 
 class ParamikoServer:
-    """``with ParamikoServer(...) as srv: srv.port`` — paramiko.Transport in server mode, one thread per client.
+    """``with ParamikoServer(...) as srv: srv.port``: paramiko.Transport in server mode, a thread per client.
 
     ``ciphers``/``macs``/``kex`` narrow the server's offer (None keeps Paramiko's defaults).
     """

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Compare conduit/conduitd against OpenSSH, AsyncSSH and Paramiko (sshtunnel) in ONE tunnelbench run.
+
+Starts the servers on loopback with throwaway keys (OpenSSH sshd, conduitd, an AsyncSSH server), runs
+../shared/bench/tunnelbench.py once over every tunnel, interleaved round by round, and writes
+bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and conduit/AsyncSSH from that one run.
+
+    python3 bench/run.py                 # full run (512 MiB streams, 3 rounds)
+    python3 bench/run.py --quick         # 64 MiB streams, 1 round: a smoke test of every tunnel
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = Path(os.environ.get("SSHCONDUIT_SHARED", ROOT.parent / "shared"))
+TUNNELBENCH = SHARED / "bench" / "tunnelbench.py"
+PEERS = SHARED / "bench" / "peers"
+GCM = "aes128-gcm@openssh.com"
+COLUMNS = [("setup_s", "setup s", False), ("up_MBps", "up MB/s", True), ("down_MBps", "down MB/s", True),
+           ("rr_conn_per_s", "rr conn/s", True), ("conc_MBps", "conc MB/s", True)]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening after {timeout}s")
+
+
+def start_servers(keys: Path, stack: contextlib.ExitStack) -> dict[str, int]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    ports = {"sshd": free_port(), "conduitd": free_port(), "asyncssh": free_port()}
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen([str(PEERS / "openssh-sshd"), str(ports["sshd"]), str(keys)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    stack.callback(sshd.kill)
+    wait_port(ports["sshd"], sshd)
+    config = keys / "conduitd_config"
+    config.write_text(
+        f"ListenAddress 127.0.0.1\nPort {ports['conduitd']}\nHostKey {keys}/host_ed25519\n"
+        f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
+    )
+    conduitd = subprocess.Popen([sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    stack.callback(conduitd.kill)
+    wait_port(ports["conduitd"], conduitd)
+    if shutil.which("python3") and _has_module("asyncssh"):
+        peer = subprocess.Popen([sys.executable, str(PEERS / "asyncssh-forward"), "server", str(ports["asyncssh"]),
+                                 str(keys)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        stack.callback(peer.kill)
+        wait_port(ports["asyncssh"], peer)
+    return ports
+
+
+def _has_module(name: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
+
+
+def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
+    user = getpass.getuser()
+    key = keys / "id_ed25519"
+    common = f"-F none -N -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -i {key}"
+    conduit = f"PYTHONPATH={ROOT / 'src'} {sys.executable} -m sshconduit.cli.conduit {common}"
+    ssh = f"ssh {common}"
+    fwd = "-L {lport}:{dhost}:{dport}"
+    out = {}
+    for label, cipher in (("gcm", f"-c {GCM}"), ("default", "")):
+        out[f"conduit-conduitd/{label}"] = f"{conduit} {cipher} -p {ports['conduitd']} {fwd} {user}@127.0.0.1"
+        out[f"openssh/{label}"] = f"{ssh} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
+        out[f"conduit-sshd/{label}"] = f"{conduit} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
+        out[f"ssh-conduitd/{label}"] = f"{ssh} {cipher} -p {ports['conduitd']} {fwd} {user}@127.0.0.1"
+    if "asyncssh" in ports and _has_module("asyncssh"):
+        out["asyncssh/default"] = (f"{sys.executable} {PEERS / 'asyncssh-forward'} client {{lport}} {{dhost}} {{dport}} "
+                                   f"{ports['asyncssh']} {key}")  # fmt: skip
+    if _has_module("sshtunnel"):
+        out["sshtunnel-sshd/default"] = (f"{sys.executable} {PEERS / 'paramiko-forward'} {{lport}} {{dhost}} {{dport}} "
+                                         f"{ports['sshd']} {key}")  # fmt: skip
+    return out
+
+
+def ratio(a: dict, b: dict, key: str, higher_better: bool) -> str:
+    if key not in a or key not in b or not b[key] or not a[key]:
+        return "–"
+    value = a[key] / b[key] if higher_better else b[key] / a[key]
+    return f"{value:.2f}×"
+
+
+def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
+    lines = ["# Benchmark results", "",
+             f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
+             f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+             f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench.",
+             "", "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+    for name, r in results.items():
+        cells = [str(r.get(k, "–")) for k, _, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('halfclose_ok', '–')} | {r.get('error', '')} |")
+    lines += ["", "Ratios from this run (higher is better for conduit; setup is inverted so >1 means faster):", "",
+              "| comparison | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]  # fmt: skip
+    pairs = []
+    for label in ("gcm", "default"):
+        pairs += [(f"conduit-conduitd/{label}", f"openssh/{label}"), (f"conduit-sshd/{label}", f"openssh/{label}"),
+                  (f"ssh-conduitd/{label}", f"openssh/{label}")]  # fmt: skip
+    pairs += [("conduit-conduitd/default", "asyncssh/default"), ("conduit-conduitd/gcm", "asyncssh/default"),
+              ("conduit-conduitd/default", "sshtunnel-sshd/default")]  # fmt: skip
+    for a, b in pairs:
+        if a in results and b in results:
+            cells = [ratio(results[a], results[b], k, hb) for k, _, hb in COLUMNS]
+            lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bytes", type=int, default=512 << 20)
+    ap.add_argument("--quick", action="store_true", help="64 MiB, 1 round")
+    ap.add_argument("--only", default="", help="comma-separated tunnel name prefixes to keep")
+    ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.bytes = 1, 64 << 20
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.ExitStack() as stack:
+        keys = Path(tmp)
+        ports = start_servers(keys, stack)
+        chosen = tunnels(keys, ports)
+        if args.only:
+            prefixes = tuple(args.only.split(","))
+            chosen = {k: v for k, v in chosen.items() if k.startswith(prefixes)}
+        cmd = [sys.executable, str(TUNNELBENCH), "--rounds", str(args.rounds), "--bytes", str(args.bytes)]
+        for name, template in chosen.items():
+            cmd += ["--tunnel", f"{name}={template}"]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        elapsed = time.monotonic() - started
+    if not proc.stdout.strip():
+        print(proc.stderr, file=sys.stderr)
+        return 1
+    results = json.loads(proc.stdout)
+    print(json.dumps(results, indent=1))
+    Path(args.output).write_text(markdown(results, args, elapsed))
+    print(f"wrote {args.output}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
