@@ -31,8 +31,13 @@ SHARED = Path(os.environ.get("SSHCONDUIT_SHARED", ROOT.parent / "shared"))
 TUNNELBENCH = SHARED / "bench" / "tunnelbench.py"
 PEERS = SHARED / "bench" / "peers"
 GCM = "aes128-gcm@openssh.com"
-COLUMNS = [("setup_s", "setup s", False), ("up_MBps", "up MB/s", True), ("down_MBps", "down MB/s", True),
-           ("rr_conn_per_s", "rr conn/s", True), ("conc_MBps", "conc MB/s", True)]  # fmt: skip
+COLUMNS = [
+    ("setup_s", "setup s", False),
+    ("up_MBps", "up MB/s", True),
+    ("down_MBps", "down MB/s", True),
+    ("rr_conn_per_s", "rr conn/s", True),
+    ("conc_MBps", "conc MB/s", True),
+]
 
 
 def free_port() -> int:
@@ -56,8 +61,11 @@ def start_servers(keys: Path, stack: contextlib.ExitStack) -> dict[str, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     ports = {"sshd": free_port(), "conduitd": free_port(), "asyncssh": free_port()}
     Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen([str(PEERS / "openssh-sshd"), str(ports["sshd"]), str(keys)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    sshd = subprocess.Popen(
+        [str(PEERS / "openssh-sshd"), str(ports["sshd"]), str(keys)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stack.callback(sshd.kill)
     wait_port(ports["sshd"], sshd)
     config = keys / "conduitd_config"
@@ -65,13 +73,20 @@ def start_servers(keys: Path, stack: contextlib.ExitStack) -> dict[str, int]:
         f"ListenAddress 127.0.0.1\nPort {ports['conduitd']}\nHostKey {keys}/host_ed25519\n"
         f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
     )
-    conduitd = subprocess.Popen([sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    conduitd = subprocess.Popen(
+        [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stack.callback(conduitd.kill)
     wait_port(ports["conduitd"], conduitd)
     if shutil.which("python3") and _has_module("asyncssh"):
-        peer = subprocess.Popen([sys.executable, str(PEERS / "asyncssh-forward"), "server", str(ports["asyncssh"]),
-                                 str(keys)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        peer = subprocess.Popen(
+            [sys.executable, str(PEERS / "asyncssh-forward"), "server", str(ports["asyncssh"]), str(keys)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         stack.callback(peer.kill)
         wait_port(ports["asyncssh"], peer)
     return ports
@@ -95,39 +110,57 @@ def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
         out[f"conduit-sshd/{label}"] = f"{conduit} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
         out[f"ssh-conduitd/{label}"] = f"{ssh} {cipher} -p {ports['conduitd']} {fwd} {user}@127.0.0.1"
     if "asyncssh" in ports and _has_module("asyncssh"):
-        out["asyncssh/default"] = (f"{sys.executable} {PEERS / 'asyncssh-forward'} client {{lport}} {{dhost}} {{dport}} "
-                                   f"{ports['asyncssh']} {key}")  # fmt: skip
+        out["asyncssh/default"] = (
+            f"{sys.executable} {PEERS / 'asyncssh-forward'} client {{lport}} {{dhost}} {{dport}} "
+            f"{ports['asyncssh']} {key}"
+        )
     if _has_module("sshtunnel"):
-        out["sshtunnel-sshd/default"] = (f"{sys.executable} {PEERS / 'paramiko-forward'} {{lport}} {{dhost}} {{dport}} "
-                                         f"{ports['sshd']} {key}")  # fmt: skip
+        out["sshtunnel-sshd/default"] = (
+            f"{sys.executable} {PEERS / 'paramiko-forward'} {{lport}} {{dhost}} {{dport}} {ports['sshd']} {key}"
+        )
     return out
 
 
 def ratio(a: dict, b: dict, key: str, higher_better: bool) -> str:
     if key not in a or key not in b or not b[key] or not a[key]:
-        return "–"
+        return "-"
     value = a[key] / b[key] if higher_better else b[key] / a[key]
-    return f"{value:.2f}×"
+    return f"{value:.2f}x"
 
 
 def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
-    lines = ["# Benchmark results", "",
-             f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
-             f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-             f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench.",
-             "", "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
-             "|---|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+    lines = [
+        "# Benchmark results",
+        "",
+        f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
+        f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench.",
+        "",
+        "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
+        "|---|" + "---|" * (len(COLUMNS) + 2),
+    ]
     for name, r in results.items():
-        cells = [str(r.get(k, "–")) for k, _, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('halfclose_ok', '–')} | {r.get('error', '')} |")
-    lines += ["", "Ratios from this run (higher is better for conduit; setup is inverted so >1 means faster):", "",
-              "| comparison | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]  # fmt: skip
+        cells = [str(r.get(k, "-")) for k, _, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('halfclose_ok', '-')} | {r.get('error', '')} |")
+    lines += [
+        "",
+        "Ratios from this run (higher is better for conduit; setup is inverted so >1 means faster):",
+        "",
+        "| comparison | " + " | ".join(c[1] for c in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
     pairs = []
     for label in ("gcm", "default"):
-        pairs += [(f"conduit-conduitd/{label}", f"openssh/{label}"), (f"conduit-sshd/{label}", f"openssh/{label}"),
-                  (f"ssh-conduitd/{label}", f"openssh/{label}")]  # fmt: skip
-    pairs += [("conduit-conduitd/default", "asyncssh/default"), ("conduit-conduitd/gcm", "asyncssh/default"),
-              ("conduit-conduitd/default", "sshtunnel-sshd/default")]  # fmt: skip
+        pairs += [
+            (f"conduit-conduitd/{label}", f"openssh/{label}"),
+            (f"conduit-sshd/{label}", f"openssh/{label}"),
+            (f"ssh-conduitd/{label}", f"openssh/{label}"),
+        ]
+    pairs += [
+        ("conduit-conduitd/default", "asyncssh/default"),
+        ("conduit-conduitd/gcm", "asyncssh/default"),
+        ("conduit-conduitd/default", "sshtunnel-sshd/default"),
+    ]
     for a, b in pairs:
         if a in results and b in results:
             cells = [ratio(results[a], results[b], k, hb) for k, _, hb in COLUMNS]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SSHClient", "Tunnel", "connect", "__version__"]
+__all__ = ["SSHClient", "Tunnel", "__version__", "connect"]
 
 if TYPE_CHECKING:
     from .client import SSHClient, connect

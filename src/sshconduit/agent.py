@@ -41,9 +41,7 @@ class AgentClient:
         if not path:
             return None
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(path), timeout=limits.AGENT_TIMEOUT
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout=limits.AGENT_TIMEOUT)
         except (OSError, TimeoutError):
             return None
         return cls(reader, writer)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from . import auth, connection, limits, messages
 from .crypto import keys
-from .errors import ChannelOpenError, DisconnectReason, Disconnected, HostKeyError, ProtocolError, SSHError
+from .errors import ChannelOpenError, Disconnected, DisconnectReason, HostKeyError, ProtocolError, SSHError
 from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Transport, TransportConfig
 
 log = logging.getLogger("sshconduit")
@@ -338,11 +338,10 @@ class SSHConnection(asyncio.Protocol):
         elif isinstance(event, connection.GlobalRequestReceived):
             previous = self._global_answering
             self._global_answering = self.loop.create_task(self._answer_global_request(event, previous))
-        elif isinstance(event, connection.GlobalRequestReplied):
-            if self._global_replies:
-                fut = self._global_replies.pop(0)
-                if not fut.done():
-                    fut.set_result((event.ok, event.data))
+        elif isinstance(event, connection.GlobalRequestReplied) and self._global_replies:
+            fut = self._global_replies.pop(0)
+            if not fut.done():
+                fut.set_result((event.ok, event.data))
 
     async def _answer_channel_open(self, event: connection.ChannelOpenRequest) -> None:
         channels = self.channels

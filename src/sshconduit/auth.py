@@ -55,7 +55,9 @@ def publickey_request(
 
 
 def password_request(user: str, password: str) -> messages.UserauthRequest:
-    return messages.UserauthRequest(user, SERVICE_CONNECTION, "password", messages.PasswordAuth(False, password).encode())
+    return messages.UserauthRequest(
+        user, SERVICE_CONNECTION, "password", messages.PasswordAuth(False, password).encode()
+    )
 
 
 def keyboard_interactive_request(user: str) -> messages.UserauthRequest:

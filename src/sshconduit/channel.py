@@ -92,17 +92,13 @@ class Channel:
                 f"channel {self.local_id}: data packet of {nbytes} bytes over maximum {self.local_max_packet}"
             )
         if nbytes > self.recv_window:
-            raise ProtocolError(
-                f"channel {self.local_id}: peer ignored channel window ({nbytes} > {self.recv_window})"
-            )
+            raise ProtocolError(f"channel {self.local_id}: peer ignored channel window ({nbytes} > {self.recv_window})")
         self.recv_window -= nbytes
 
     def consume(self, nbytes: int) -> int:
         """The application took ``nbytes``; return the WINDOW_ADJUST increment to send now, or 0 to wait."""
         if nbytes < 0 or nbytes > self.recv_unconsumed:
-            raise ValueError(
-                f"channel {self.local_id}: consumed {nbytes} bytes, only {self.recv_unconsumed} pending"
-            )
+            raise ValueError(f"channel {self.local_id}: consumed {nbytes} bytes, only {self.recv_unconsumed} pending")
         self.recv_unconsumed -= nbytes
         if self.eof_received or self.close_sent:
             return 0  # the peer will send nothing more, so there is nothing to re-open

@@ -74,9 +74,7 @@ class HostKeyVerifier:
 
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
-        user_files = (
-            [str(_ssh_dir() / "known_hosts")] if options.known_hosts is None else list(options.known_hosts)
-        )
+        user_files = [str(_ssh_dir() / "known_hosts")] if options.known_hosts is None else list(options.known_hosts)
         self.user_files = [os.path.expanduser(p) for p in user_files]
         self.known = KnownHosts([*self.user_files, *options.global_known_hosts])
 
@@ -255,10 +253,10 @@ class _AuthConversation:
             try:
                 return keys.load_private_key(path, answer.encode())
             except SSHError as exc:
-                log.warning("Load key \"%s\": %s", path, exc)
+                log.warning('Load key "%s": %s', path, exc)
                 return None
         except SSHError as exc:
-            log.warning("Load key \"%s\": %s", path, exc)
+            log.warning('Load key "%s": %s', path, exc)
             return None
 
     def _ask(self, prompt: str) -> str | None:
@@ -269,7 +267,9 @@ class _AuthConversation:
     async def _password(self) -> bool:
         opts = self.options
         for _ in range(3):  # NumberOfPasswordPrompts
-            password = opts.password if opts.password is not None else self._ask(f"{opts.user}@{opts.host}'s password: ")
+            password = (
+                opts.password if opts.password is not None else self._ask(f"{opts.user}@{opts.host}'s password: ")
+            )
             if password is None:
                 return False
             if await self._attempt(auth.password_request(opts.user, password)):

@@ -215,9 +215,7 @@ class ConnectionLayer:
         new = old + msg.bytes_to_add
         if new > limits.MAX_WINDOW:
             # RFC 4254 5.2: the window MUST NOT exceed 2^32-1; OpenSSH treats this as fatal too.
-            raise ProtocolError(
-                f"channel {channel.local_id}: window adjust {msg.bytes_to_add} overflows {old}"
-            )
+            raise ProtocolError(f"channel {channel.local_id}: window adjust {msg.bytes_to_add} overflows {old}")
         channel.send_window = new
         # Only a window that was too small for a full packet can have stalled the sender.
         if old < channel.send_chunk and new > old and channel.output_open:
@@ -247,18 +245,14 @@ class ConnectionLayer:
             raise ProtocolError("session channel opened after no-more-sessions@openssh.com")
         if len(self._channels) >= self._max_channels:
             self._send(
-                messages.ChannelOpenFailure(
-                    msg.sender_channel, OPEN_RESOURCE_SHORTAGE, "too many channels"
-                ).encode()
+                messages.ChannelOpenFailure(msg.sender_channel, OPEN_RESOURCE_SHORTAGE, "too many channels").encode()
             )
             return []
         channel = self._new_channel(OpenState.OFFERED, limits.DEFAULT_WINDOW, limits.DEFAULT_MAX_PACKET)
         channel.remote_id = msg.sender_channel
         channel.set_peer_limits(msg.initial_window, msg.max_packet)
         return [
-            ChannelOpenRequest(
-                channel.local_id, msg.channel_type, msg.type_data, msg.initial_window, msg.max_packet
-            )
+            ChannelOpenRequest(channel.local_id, msg.channel_type, msg.type_data, msg.initial_window, msg.max_packet)
         ]
 
     def _pending_open(self, recipient: int) -> Channel:
@@ -376,9 +370,7 @@ class ConnectionLayer:
         if len(self._channels) >= self._max_channels:
             raise ChannelOpenError(OPEN_RESOURCE_SHORTAGE, "too many open channels")
         channel = self._new_channel(OpenState.OPENING, window, max_packet)
-        self._send(
-            messages.ChannelOpen(channel_type, channel.local_id, window, max_packet, type_data).encode()
-        )
+        self._send(messages.ChannelOpen(channel_type, channel.local_id, window, max_packet, type_data).encode())
         return channel.local_id
 
     def _offered(self, local_id: int) -> Channel:
@@ -400,9 +392,7 @@ class ConnectionLayer:
         channel.local_max_packet = max_packet
         channel.state = OpenState.OPEN
         self._send(
-            messages.ChannelOpenConfirmation(
-                channel.remote_id, local_id, window, max_packet, type_data
-            ).encode()
+            messages.ChannelOpenConfirmation(channel.remote_id, local_id, window, max_packet, type_data).encode()
         )
 
     def reject_channel(self, local_id: int, reason: int, description: str) -> None:
@@ -447,9 +437,7 @@ class ConnectionLayer:
         channel.send_window -= total
         return total
 
-    def send_extended_data(
-        self, local_id: int, data: bytes | bytearray | memoryview, data_type: int = 1
-    ) -> int:
+    def send_extended_data(self, local_id: int, data: bytes | bytearray | memoryview, data_type: int = 1) -> int:
         channel = self._writable(local_id)
         if channel.state is not OpenState.OPEN:
             return 0

@@ -106,8 +106,10 @@ class ServerPolicy:
             return "authorized_keys no-port-forwarding"
         if not permit_open_allows(self.permit_open, host, port):
             return "PermitOpen"
-        if self.key_options is not None and self.key_options.permitopen and not permit_open_allows(
-            self.key_options.permitopen, host, port
+        if (
+            self.key_options is not None
+            and self.key_options.permitopen
+            and not permit_open_allows(self.key_options.permitopen, host, port)
         ):
             return "authorized_keys permitopen"
         return None

@@ -126,4 +126,3 @@ async def listen(options: ServerOptions) -> list[asyncio.Server]:
             log.info("Server listening on %s port %d.", addr[0], addr[1])
         servers.append(server)
     return servers
-

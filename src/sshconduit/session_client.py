@@ -246,9 +246,7 @@ async def run_interactive(
     pty = None
     if saved_attrs is not None:
         columns, rows = _terminal_size()
-        pty = PtyRequest(
-            os.environ.get("TERM", "vt100"), columns, rows, 0, 0, encode_terminal_modes(saved_attrs)
-        )
+        pty = PtyRequest(os.environ.get("TERM", "vt100"), columns, rows, 0, 0, encode_terminal_modes(saved_attrs))
     session = ClientSession(
         command,
         pty=pty,
@@ -265,9 +263,7 @@ async def run_interactive(
             _write_fd(2, f"PTY allocation request failed on channel {session.channel_id}\r\n".encode())
         if saved_attrs is not None:
             tty.setraw(0, termios.TCSADRAIN)
-            loop.add_signal_handler(
-                signal.SIGWINCH, lambda: session.change_window_size(*_terminal_size(), 0, 0)
-            )
+            loop.add_signal_handler(signal.SIGWINCH, lambda: session.change_window_size(*_terminal_size(), 0, 0))
         pump = loop.create_task(_pump_stdin(session))
         return await session.wait_closed()
     finally:

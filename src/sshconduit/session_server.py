@@ -256,9 +256,7 @@ class ServerSession(ChannelHandler):
         size = WindowChange.decode(data)
         if self.pty is None:
             return False
-        self.pty = PtyReq(
-            self.pty.term, size.columns, size.rows, size.width_px, size.height_px, self.pty.modes
-        )
+        self.pty = PtyReq(self.pty.term, size.columns, size.rows, size.width_px, size.height_px, self.pty.modes)
         if self._master_fd >= 0:
             # The kernel signals SIGWINCH to the terminal's foreground process group itself.
             with contextlib.suppress(OSError):
@@ -368,9 +366,7 @@ class ServerSession(ChannelHandler):
     def _setup_pty(self, slave: int) -> None:
         assert self.pty is not None
         with contextlib.suppress(OSError, termios.error, ProtocolError):
-            termios.tcsetattr(
-                slave, termios.TCSANOW, apply_terminal_modes(termios.tcgetattr(slave), self.pty.modes)
-            )
+            termios.tcsetattr(slave, termios.TCSANOW, apply_terminal_modes(termios.tcgetattr(slave), self.pty.modes))
         with contextlib.suppress(OSError):
             fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize(*_size_of(self.pty)))
 
@@ -389,9 +385,7 @@ class ServerSession(ChannelHandler):
         if self.pty is not None:
             self._stdin = _PtyWriter(loop, stdin_fd, side)
         else:
-            self._stdin, _ = await loop.connect_write_pipe(
-                lambda: side, os.fdopen(stdin_fd, "wb", buffering=0)
-            )
+            self._stdin, _ = await loop.connect_write_pipe(lambda: side, os.fdopen(stdin_fd, "wb", buffering=0))
         early, self._early_input = self._early_input, []
         for data in early:
             self._write_stdin(data)
@@ -470,9 +464,7 @@ class ServerSession(ChannelHandler):
                 request = ExitSignal(signal_name(-self.returncode), False, "", "")
                 self.conn.send_request(self.channel_id, "exit-signal", False, request.encode())
             else:
-                self.conn.send_request(
-                    self.channel_id, "exit-status", False, ExitStatus(self.returncode).encode()
-                )
+                self.conn.send_request(self.channel_id, "exit-status", False, ExitStatus(self.returncode).encode())
             self.conn.send_eof(self.channel_id)
             self.conn.close_channel(self.channel_id)
         self._release_io()

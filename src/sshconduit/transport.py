@@ -60,7 +60,15 @@ class TransportConfig:
 
 
 SIGNATURE_ALGORITHMS = frozenset(
-    ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+    (
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "rsa-sha2-512",
+        "rsa-sha2-256",
+        "ssh-rsa",
+    )
 )
 DEFAULT_HOST_KEY_ALGORITHMS = (
     "ssh-ed25519",
@@ -82,9 +90,7 @@ class Algorithms:
     mac_s2c: str | None
 
     def describe(self, role: Role) -> str:
-        out, inn = (
-            (self.cipher_c2s, self.cipher_s2c) if role is Role.CLIENT else (self.cipher_s2c, self.cipher_c2s)
-        )
+        out, inn = (self.cipher_c2s, self.cipher_s2c) if role is Role.CLIENT else (self.cipher_s2c, self.cipher_c2s)
         mac_out, mac_in = (self.mac_c2s, self.mac_s2c) if role is Role.CLIENT else (self.mac_s2c, self.mac_c2s)
         return (
             f"kex: algorithm: {self.kex}; host key algorithm: {self.host_key}; "

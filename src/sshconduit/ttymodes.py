@@ -94,6 +94,4 @@ def apply_terminal_modes(attrs: list, modes: bytes) -> list:
 
 def winsize(columns: int, rows: int, width_px: int, height_px: int) -> bytes:
     clamp = 0xFFFF
-    return struct.pack(
-        "HHHH", min(rows, clamp), min(columns, clamp), min(width_px, clamp), min(height_px, clamp)
-    )
+    return struct.pack("HHHH", min(rows, clamp), min(columns, clamp), min(width_px, clamp), min(height_px, clamp))

@@ -18,7 +18,7 @@ pack_u64 = _U64.pack
 class Reader:
     """Reads SSH types from a bytes-like object; a short buffer raises ProtocolError."""
 
-    __slots__ = ("_buf", "_pos", "_end")
+    __slots__ = ("_buf", "_end", "_pos")
 
     def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0) -> None:
         self._buf = data

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import asyncio
 
-import sshconduit
 from conftest import USER, echo_through
+
+import sshconduit
 
 
 def test_async_forward_counts_connections_and_bytes(keyset, conduitd_server, echo_server):
     async def main(port: int) -> tuple[int, int, int, int]:
         client = await sshconduit.connect("127.0.0.1", port, username=USER, client_keys=[str(keyset.client_key)],
                                           known_hosts=(), strict_host_key_checking="no")  # fmt: skip
-        async with client:
-            async with client.forward_local(0, "127.0.0.1", echo_server.port) as fwd:
-                for _ in range(3):
-                    data = await asyncio.to_thread(echo_through, fwd.port, b"z" * 70000)
-                    assert data == b"z" * 70000
-                for _ in range(50):  # the last channel's close may still be on its way
-                    if fwd.counters.active == 0:
-                        break
-                    await asyncio.sleep(0.02)
-                c = fwd.counters
-                return c.connections, c.active, c.bytes_out, c.bytes_in
+        async with client, client.forward_local(0, "127.0.0.1", echo_server.port) as fwd:
+            for _ in range(3):
+                data = await asyncio.to_thread(echo_through, fwd.port, b"z" * 70000)
+                assert data == b"z" * 70000
+            for _ in range(50):  # the last channel's close may still be on its way
+                if fwd.counters.active == 0:
+                    break
+                await asyncio.sleep(0.02)
+            c = fwd.counters
+            return c.connections, c.active, c.bytes_out, c.bytes_in
 
     with conduitd_server() as daemon:
         connections, active, out, inn = asyncio.run(main(daemon.port))
@@ -31,8 +31,9 @@ def test_async_forward_counts_connections_and_bytes(keyset, conduitd_server, ech
 
 def test_blocking_tunnel(keyset, openssh_server, echo_server):
     with openssh_server() as daemon:
-        with sshconduit.Tunnel("127.0.0.1", 0, "127.0.0.1", echo_server.port, port=daemon.port, username=USER,
-                               client_keys=[str(keyset.client_key)], known_hosts=(),
-                               strict_host_key_checking="no") as tunnel:  # fmt: skip
+        tunnel = sshconduit.Tunnel("127.0.0.1", 0, "127.0.0.1", echo_server.port, port=daemon.port, username=USER,
+                                   client_keys=[str(keyset.client_key)], known_hosts=(),
+                                   strict_host_key_checking="no")  # fmt: skip
+        with tunnel:
             assert tunnel.port
             assert echo_through(tunnel.port, b"sync api") == b"sync api"

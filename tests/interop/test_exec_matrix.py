@@ -10,7 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SSHD, USER, conduit_argv, env_with_src, free_port, run_client, server_config_text, ssh_argv, start_daemon
+from conftest import (
+    SSHD,
+    USER,
+    conduit_argv,
+    env_with_src,
+    free_port,
+    run_client,
+    server_config_text,
+    ssh_argv,
+    start_daemon,
+)
 
 COMMAND = "echo ok-$((6*7)); exit 3"
 
@@ -62,7 +72,10 @@ def servers(keyset, tmp_path_factory):
             if daemon == "sshd":
                 argv, env = [SSHD, "-D", "-e", "-f", str(config)], None
             else:
-                argv, env = [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)], env_with_src()
+                argv, env = (
+                    [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
+                    env_with_src(),
+                )
             ctx = start_daemon(argv, port, config, env)
             started[(daemon, kind)] = ctx.__enter__()
             contexts.append(ctx)

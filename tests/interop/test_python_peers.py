@@ -186,9 +186,7 @@ def test_exec_stdin_and_stderr_conduit_to_peer(peer_server, keyset):
     """256 KiB of stdin through ``tr``, stderr kept apart, status 0, the EOF of stdin honoured."""
     data = bytes(range(97, 123)) * 10083  # a..z, 262158 bytes
     with peer_server() as server:
-        result = run_conduit(
-            keyset, server.port, f"{USER}@127.0.0.1", "tr a-z A-Z; echo err-$((1+1)) >&2", stdin=data
-        )
+        result = run_conduit(keyset, server.port, f"{USER}@127.0.0.1", "tr a-z A-Z; echo err-$((1+1)) >&2", stdin=data)
     assert result.returncode == 0
     assert result.stderr == b"err-2\n"
     assert result.stdout == data.upper()
@@ -242,9 +240,7 @@ def test_exec_stdin_and_stderr_asyncssh_to_conduitd(conduitd, keyset):
 
     async def scenario() -> asyncssh.SSHCompletedProcess:
         async with asyncssh_connect(keyset, conduitd.port) as conn:
-            return await asyncio.wait_for(
-                conn.run("cat; echo done >&2; exit 0", input=data, encoding=None), TIMEOUT
-            )
+            return await asyncio.wait_for(conn.run("cat; echo done >&2; exit 0", input=data, encoding=None), TIMEOUT)
 
     result = asyncio.run(scenario())
     assert result.exit_status == 0

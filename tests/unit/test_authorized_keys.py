@@ -84,9 +84,7 @@ def test_restrict_and_order(keys: dict[str, tuple[PublicKey, str]]) -> None:
     plain, reopened, restricted_last, last_wins = (e.options for e in entries)
     assert plain.restrict and not plain.allows_port_forwarding() and not plain.allows_pty()
     assert not plain.allows_agent_forwarding() and not plain.allows_x11_forwarding()
-    assert (
-        reopened.allows_port_forwarding() and reopened.allows_pty() and not reopened.allows_agent_forwarding()
-    )
+    assert reopened.allows_port_forwarding() and reopened.allows_pty() and not reopened.allows_agent_forwarding()
     assert not restricted_last.allows_pty()  # sshd: restrict clears what came before it
     assert last_wins.allows_pty()
 

@@ -139,9 +139,7 @@ def test_wrong_message_number_is_refused() -> None:
 # --- key derivation, against a hand-written hashlib expansion ---
 
 
-@pytest.mark.parametrize(
-    ("hash_name", "size"), [("sha256", 16), ("sha256", 100), ("sha512", 64), ("sha1", 40)]
-)
+@pytest.mark.parametrize(("hash_name", "size"), [("sha256", 16), ("sha256", 100), ("sha512", 64), ("sha1", 40)])
 def test_derive_key_matches_rfc4253_expansion(hash_name: str, size: int) -> None:
     shared = ssh_mpint_unsigned(bytes.fromhex("80") + bytes(range(31)))
     exchange_hash = bytes(range(100, 132))
@@ -219,8 +217,7 @@ def test_curve25519_server_hash_layout() -> None:
     shared = ssh_mpint_unsigned(client_key.exchange(x25519.X25519PublicKey.from_public_bytes(server_public)))
     expected_h = hashlib.sha256(
         b"".join(
-            ssh_string(f)
-            for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
+            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
         )
         + ssh_string(HOST_KEY)
         + ssh_string(client_public)
@@ -283,8 +280,7 @@ def test_nist_ecdh_against_hand_client(name: str, curve: ec.EllipticCurve, hash_
     shared = ssh_mpint_unsigned(client_key.exchange(ec.ECDH(), peer))
     expected_h = HASHLIB[hash_name](
         b"".join(
-            ssh_string(f)
-            for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
+            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
         )
         + ssh_string(HOST_KEY)
         + ssh_string(client_public)
@@ -331,8 +327,7 @@ def test_mlkem_hybrid_client_against_hand_server() -> None:
     assert outcome.shared_secret == expected_k
     expected_h = hashlib.sha256(
         b"".join(
-            ssh_string(f)
-            for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
+            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
         )
         + ssh_string(HOST_KEY)
         + ssh_string(client_blob)
@@ -435,8 +430,7 @@ def test_dh_group14_against_hand_server() -> None:
     assert outcome.shared_secret == shared
     expected_h = hashlib.sha256(
         b"".join(
-            ssh_string(x)
-            for x in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
+            ssh_string(x) for x in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
         )
         + ssh_string(HOST_KEY)
         + ssh_mpint_unsigned(e.to_bytes(256, "big"))

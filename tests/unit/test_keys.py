@@ -243,9 +243,7 @@ def test_asyncssh_signatures_verified_and_ours_accepted(key_type: str) -> None:
         signature = theirs.sign(b"payload", alg.encode())
         assert public.verify(b"payload", signature, alg)
         assert not public.verify(b"payload!", signature, alg)
-        assert not public.verify(
-            b"payload", signature, "rsa-sha2-512" if alg != "rsa-sha2-512" else "ssh-rsa"
-        )
+        assert not public.verify(b"payload", signature, "rsa-sha2-512" if alg != "rsa-sha2-512" else "ssh-rsa")
     # ours, checked by asyncssh
     ours = generate_private_key(key_type)
     their_view = asyncssh.import_public_key(ours.public.openssh_line())
@@ -291,11 +289,7 @@ def test_rsa_sha1_signing_refused_and_wrong_algorithms() -> None:
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)
 def test_tampered_signatures_are_false_not_exceptions(key_type: str) -> None:
-    key = (
-        generate_private_key(key_type)
-        if key_type != "ssh-rsa"
-        else generate_private_key(key_type, rsa_bits=2048)
-    )
+    key = generate_private_key(key_type) if key_type != "ssh-rsa" else generate_private_key(key_type, rsa_bits=2048)
     signature = key.sign(b"msg")
     assert key.public.verify(b"msg", signature)
     for i in range(0, len(signature), max(1, len(signature) // 40)):
@@ -357,19 +351,13 @@ def test_bad_blobs_rejected() -> None:
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)
 def test_write_private_key_read_by_ssh_keygen(tmp_path: Path, key_type: str) -> None:
-    key = (
-        generate_private_key(key_type)
-        if key_type != "ssh-rsa"
-        else generate_private_key(key_type, rsa_bits=2048)
-    )
+    key = generate_private_key(key_type) if key_type != "ssh-rsa" else generate_private_key(key_type, rsa_bits=2048)
     path = tmp_path / "id_test"
     path.write_text("old")
     path.chmod(0o644)
     write_private_key(key, path, "user@host")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    derived = subprocess.run(
-        ["ssh-keygen", "-y", "-f", str(path)], check=True, capture_output=True, text=True
-    )
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], check=True, capture_output=True, text=True)
     assert parse_public_line(derived.stdout)[0] == key.public
     assert (tmp_path / "id_test.pub").read_text() == key.public.openssh_line("user@host") + "\n"
     assert keygen_fingerprint(tmp_path / "id_test.pub") == key.public.fingerprint()
@@ -379,9 +367,7 @@ def test_write_private_key_read_by_ssh_keygen(tmp_path: Path, key_type: str) -> 
 def test_write_encrypted_private_key(tmp_path: Path) -> None:
     key = generate_private_key()
     write_private_key(key, tmp_path / "enc", passphrase=b"s3cret")
-    proc = subprocess.run(
-        ["ssh-keygen", "-y", "-P", "s3cret", "-f", str(tmp_path / "enc")], capture_output=True
-    )
+    proc = subprocess.run(["ssh-keygen", "-y", "-P", "s3cret", "-f", str(tmp_path / "enc")], capture_output=True)
     assert proc.returncode == 0 and parse_public_line(proc.stdout.decode())[0] == key.public
     with pytest.raises(PassphraseRequired):
         load_private_key(tmp_path / "enc")

@@ -74,9 +74,7 @@ QUERIES = [
 
 def keygen_lines(path: Path, host: str, port: int) -> set[int]:
     name = host_lookup_name(host, port)
-    out = subprocess.run(
-        ["ssh-keygen", "-F", name, "-f", str(path)], capture_output=True, text=True, timeout=30
-    )
+    out = subprocess.run(["ssh-keygen", "-F", name, "-f", str(path)], capture_output=True, text=True, timeout=30)
     return {int(n) for n in re.findall(r"found: line (\d+)", out.stdout)}
 
 

@@ -383,9 +383,7 @@ def test_terminal_modes_wire_layout() -> None:
 # ============================== client ==============================
 
 
-def client(
-    command: str | None, **kwargs: Any
-) -> tuple[ClientSession, RecordingConn, list[bytes], list[bytes]]:
+def client(command: str | None, **kwargs: Any) -> tuple[ClientSession, RecordingConn, list[bytes], list[bytes]]:
     out: list[bytes] = []
     err: list[bytes] = []
     window = kwargs.pop("window", 1 << 20)

@@ -301,9 +301,7 @@ def _ours(cfg: ClientConfig) -> dict[str, list[str]]:
         "ciphers": [",".join(cfg.ciphers)],
         "macs": [",".join(cfg.macs)],
         "localforward": [format_forward(f) for f in cfg.local_forwards],
-        "remoteforward": [
-            format_forward(f) + (" [socks]:0" if f.is_dynamic else "") for f in cfg.remote_forwards
-        ],
+        "remoteforward": [format_forward(f) + (" [socks]:0" if f.is_dynamic else "") for f in cfg.remote_forwards],
         "dynamicforward": [format_forward(f) for f in cfg.dynamic_forwards],
         "hashknownhosts": [_yes(cfg.hash_known_hosts)],
         "batchmode": [_yes(cfg.batch_mode)],

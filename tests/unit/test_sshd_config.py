@@ -300,10 +300,7 @@ def test_include_globs_and_match_scope(tmp_path: Path) -> None:
     (tmp_path / "bad.conf").write_text(f"Match User x\nInclude {tmp_path}/inner.conf\n")
     with pytest.raises(ConfigError) as info:
         load_server_config(tmp_path / "bad.conf")
-    assert (
-        str(info.value)
-        == f"{tmp_path}/inner.conf: line 1: Directive 'Port' is not allowed within a Match block"
-    )
+    assert str(info.value) == f"{tmp_path}/inner.conf: line 1: Directive 'Port' is not allowed within a Match block"
 
     loop = tmp_path / "loop.conf"
     loop.write_text(f"Include {loop}\n")
@@ -435,9 +432,7 @@ def test_effective_values_match_sshd(tmp_path: Path, host_key: Path, text: str) 
         ("carol", "10.9.9.9", 2222),
     ],
 )
-def test_match_results_match_sshd(
-    tmp_path: Path, host_key: Path, user: str, address: str, local_port: int
-) -> None:
+def test_match_results_match_sshd(tmp_path: Path, host_key: Path, user: str, address: str, local_port: int) -> None:
     path = tmp_path / "sshd_config"
     path.write_text(f"HostKey {host_key}\n{ORACLE_CONFIG}")
     ours = load_server_config(path).for_connection(user, "client.example", address, "127.0.0.1", local_port)

@@ -213,9 +213,7 @@ def cipher_config(cipher: str, mac: str | None, **extra: object) -> TransportCon
 
 
 @pytest.mark.parametrize(("cipher", "mac"), CIPHER_MAC_CASES)
-def test_handshake_every_cipher_and_mac(
-    host_keys: dict[str, keys.PrivateKey], cipher: str, mac: str | None
-) -> None:
+def test_handshake_every_cipher_and_mac(host_keys: dict[str, keys.PrivateKey], cipher: str, mac: str | None) -> None:
     pair = Pair(host_keys["ssh-ed25519"], cipher_config(cipher, mac)).handshake()
     assert_initial_kex(pair)
     algs = pair.client.algorithms
@@ -329,9 +327,7 @@ def _one_round(pair: Pair) -> None:
         pair.feed_client(piece)
 
 
-@pytest.mark.parametrize(
-    ("rekey_bytes", "expect_rekeys"), [(32 * 1024, True), (limits.DEFAULT_REKEY_BYTES, False)]
-)
+@pytest.mark.parametrize(("rekey_bytes", "expect_rekeys"), [(32 * 1024, True), (limits.DEFAULT_REKEY_BYTES, False)])
 def test_automatic_rekey_after_rekey_bytes(
     host_keys: dict[str, keys.PrivateKey], rekey_bytes: int, expect_rekeys: bool
 ) -> None:
@@ -540,9 +536,7 @@ def test_strict_kex_refuses_any_other_message_before_newkeys(
 
 
 @pytest.mark.parametrize("toward", ["client", "server"])
-def test_strict_kex_refuses_a_message_before_kexinit(
-    host_keys: dict[str, keys.PrivateKey], toward: str
-) -> None:
+def test_strict_kex_refuses_a_message_before_kexinit(host_keys: dict[str, keys.PrivateKey], toward: str) -> None:
     pair = Pair(host_keys["ssh-ed25519"])
     hook = inject_before(20, messages.Ignore(b"").encode())
     if toward == "server":
@@ -618,9 +612,7 @@ def server_to_client_opener(server: Transport, outcome: kex.KexOutcome) -> ciphe
     info = ciphers.CIPHERS[algs.cipher_s2c]
 
     def derive(letter: bytes, size: int) -> bytes:
-        return kex.derive_key(
-            outcome.hash_name, outcome.shared_secret, outcome.exchange_hash, session_id, letter, size
-        )
+        return kex.derive_key(outcome.hash_name, outcome.shared_secret, outcome.exchange_hash, session_id, letter, size)
 
     iv = derive(b"B", info.iv_size) if info.iv_size else b""
     mac_key = derive(b"F", ciphers.MACS[algs.mac_s2c].key_size) if algs.mac_s2c else b""
@@ -757,9 +749,7 @@ def test_terrapin_without_strict_kex_on_gcm_is_a_mac_error(
 @pytest.mark.parametrize("strict", [True, False])
 def test_rogue_plaintext_ext_info_is_refused(host_keys: dict[str, keys.PrivateKey], strict: bool) -> None:
     """An EXT_INFO injected in clear before the kex (CVE-2023-46445's shape) must not set server-sig-algs."""
-    pair = Pair(
-        host_keys["ssh-ed25519"], cipher_config("chacha20-poly1305@openssh.com", None, strict_kex=strict)
-    )
+    pair = Pair(host_keys["ssh-ed25519"], cipher_config("chacha20-poly1305@openssh.com", None, strict_kex=strict))
     rogue = messages.ExtInfo.from_pairs({"server-sig-algs": b"ssh-rsa"}).encode()
     inject = inject_before(20, rogue)
     mitm = TerrapinMitm()  # used for its state only: the drop is done below
@@ -785,9 +775,7 @@ def test_rogue_plaintext_ext_info_is_refused(host_keys: dict[str, keys.PrivateKe
 
 
 @pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
-def test_random_plaintext_packets_raise_only_protocol_errors(
-    host_keys: dict[str, keys.PrivateKey], role: Role
-) -> None:
+def test_random_plaintext_packets_raise_only_protocol_errors(host_keys: dict[str, keys.PrivateKey], role: Role) -> None:
     rng = random.Random(0x55)
     for msg_id in range(256):
         for size in (0, 3, 40, 400):

@@ -67,7 +67,7 @@ def load_host_keys(paths: list[str], generate_missing: bool) -> list[keys.Privat
         try:
             loaded.append(keys.load_private_key(path))
         except SSHError as exc:
-            log.error("Unable to load host key \"%s\": %s", path, exc)
+            log.error('Unable to load host key "%s": %s', path, exc)
     return loaded
 
 
@@ -98,7 +98,9 @@ def server_options(cfg: ServerConfig, host_keys: list[keys.PrivateKey], embedded
         transport=transport,
         max_auth_tries=cfg.max_auth_tries,
         login_grace_time=float(cfg.login_grace_time or 1e9),
-        banner=Path(cfg.banner).read_text() if cfg.banner and cfg.banner != "none" and os.path.exists(cfg.banner) else None,
+        banner=Path(cfg.banner).read_text()
+        if cfg.banner and cfg.banner != "none" and os.path.exists(cfg.banner)
+        else None,
         permit_tty=cfg.permit_tty,
     )
 
@@ -123,7 +125,7 @@ async def serve(options: ServerOptions, cfg: ServerConfig) -> None:
         try:
             Path(cfg.pid_file).write_text(f"{os.getpid()}\n")
         except OSError as exc:
-            log.warning("Couldn't create pid file \"%s\": %s", cfg.pid_file, exc.strerror)
+            log.warning('Couldn\'t create pid file "%s": %s', cfg.pid_file, exc.strerror)
     await stop.wait()
     log.info("Received signal; terminating.")
     for server in servers:

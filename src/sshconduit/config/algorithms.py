@@ -149,9 +149,7 @@ ALGORITHM_KEYWORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 }
 
 
-def apply_algorithm_spec(
-    default: Sequence[str], supported: Sequence[str], spec: str, what: str
-) -> tuple[str, ...]:
+def apply_algorithm_spec(default: Sequence[str], supported: Sequence[str], spec: str, what: str) -> tuple[str, ...]:
     """Resolve one algorithm-list value against ``default``; ``what`` names the list in errors.
 
     Names given to add, prepend or replace must be in ``supported``; removal patterns (``-``) are not

@@ -236,9 +236,7 @@ def _parse_line(line: str) -> tuple[PublicKey, KeyOptions, str]:
     return key, options, comment
 
 
-def parse_authorized_keys(
-    text: str, source: str = "authorized_keys"
-) -> tuple[list[AuthorizedKey], list[str]]:
+def parse_authorized_keys(text: str, source: str = "authorized_keys") -> tuple[list[AuthorizedKey], list[str]]:
     """(valid entries, one warning per skipped line naming ``source:line``)."""
     keys: list[AuthorizedKey] = []
     warnings: list[str] = []

@@ -214,11 +214,7 @@ def _read_file(
                 raise line.error("Include missing filename argument")
             if depth + 1 > MAX_INCLUDE_DEPTH:
                 raise line.error("Include nested too deeply")
-            base = (
-                os.path.join(_local_identity().home, ".ssh")
-                if is_user_file
-                else os.path.dirname(SYSTEM_CONFIG)
-            )
+            base = os.path.join(_local_identity().home, ".ssh") if is_user_file else os.path.dirname(SYSTEM_CONFIG)
             for pattern in line.args:
                 path_pattern = os.path.expanduser(pattern)
                 if not os.path.isabs(path_pattern):
@@ -289,9 +285,7 @@ def _match_criterion(state: _ResolveState, line: ConfigLine, name: str, value: s
 def _warn_once(state: _ResolveState, line: ConfigLine, what: str) -> None:
     if what.lower() not in state.warned:
         state.warned.add(what.lower())
-        state.warnings.append(
-            f"conduit: {line.source}:{line.lineno}: keyword '{what}' is not supported and is ignored"
-        )
+        state.warnings.append(f"conduit: {line.source}:{line.lineno}: keyword '{what}' is not supported and is ignored")
 
 
 # ---------------------------------------------------------------- one line -> one value
@@ -348,9 +342,7 @@ def _flag(line: ConfigLine, state: _ResolveState) -> bool:
     return result
 
 
-def _choice(
-    *choices: str, aliases: dict[str, str] | None = None
-) -> Callable[[ConfigLine, _ResolveState], str]:
+def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[ConfigLine, _ResolveState], str]:
     table = {"true": "yes", "false": "no", **(aliases or {})}
 
     def parse(line: ConfigLine, state: _ResolveState) -> str:
@@ -465,9 +457,7 @@ def _escape_char(line: ConfigLine, state: _ResolveState) -> str | None:
 def _rekey_limit(line: ConfigLine, state: _ResolveState) -> tuple[int | None, int | None]:
     args = line.args
     if not 1 <= len(args) <= 2:
-        raise LineError(
-            "Missing argument." if not args else "keyword RekeyLimit extra arguments at end of line"
-        )
+        raise LineError("Missing argument." if not args else "keyword RekeyLimit extra arguments at end of line")
     size: int | None = None
     if args[0].lower() not in ("default", "none"):
         found = re.fullmatch(r"([0-9]+)([KMGkmg]?)", args[0])
@@ -565,16 +555,12 @@ _OPTIONS: dict[str, _Option] = {
     "MACs": _Option("macs", _algorithms("macs")),
     "KexAlgorithms": _Option("kex_algorithms", _algorithms("kexalgorithms")),
     "HostKeyAlgorithms": _Option("host_key_algorithms", _algorithms("hostkeyalgorithms")),
-    "PubkeyAcceptedAlgorithms": _Option(
-        "pubkey_accepted_algorithms", _algorithms("pubkeyacceptedalgorithms")
-    ),
+    "PubkeyAcceptedAlgorithms": _Option("pubkey_accepted_algorithms", _algorithms("pubkeyacceptedalgorithms")),
     "PubkeyAcceptedKeyTypes": _Option("pubkey_accepted_algorithms", _algorithms("pubkeyacceptedalgorithms")),
     "PasswordAuthentication": _Option("password_authentication", _flag),
     "PubkeyAuthentication": _Option(
         "pubkey_authentication",
-        lambda line, state: (
-            _choice("yes", "no", aliases={"unbound": "yes", "host-bound": "yes"})(line, state) == "yes"
-        ),
+        lambda line, state: _choice("yes", "no", aliases={"unbound": "yes", "host-bound": "yes"})(line, state) == "yes",
     ),
     "KbdInteractiveAuthentication": _Option("kbd_interactive_authentication", _flag),
     "ChallengeResponseAuthentication": _Option("kbd_interactive_authentication", _flag),

@@ -443,9 +443,7 @@ class _Option:
     dump: Callable[[Any, ServerConfig], list[str]] = lambda value, cfg: [_dump_scalar(value)]
 
 
-def _apply_line(
-    line: ConfigLine, values: dict[str, Any], *, in_match: bool, warnings: list[str] | None = None
-) -> None:
+def _apply_line(line: ConfigLine, values: dict[str, Any], *, in_match: bool, warnings: list[str] | None = None) -> None:
     name = _CANONICAL.get(line.keyword.lower())
     if name is None:
         raise ConfigError(f"{line.source}: line {line.lineno}: Bad configuration option: {line.keyword}")
@@ -455,9 +453,7 @@ def _apply_line(
         raise line.error(f"Directive '{name}' is not allowed within a Match block")
     if option is None:
         if warnings is not None:
-            warnings.append(
-                f"conduitd: {line.source}:{line.lineno}: keyword '{name}' is not supported and is ignored"
-            )
+            warnings.append(f"conduitd: {line.source}:{line.lineno}: keyword '{name}' is not supported and is ignored")
         return
     try:
         value = option.parse(line)
@@ -757,9 +753,7 @@ _OPTIONS: dict[str, _Option] = {
     "StreamLocalBindUnlink": _Option("stream_local_bind_unlink", _flag, in_match=True),
     "MaxAuthTries": _Option("max_auth_tries", _int(), in_match=True),
     "MaxSessions": _Option("max_sessions", _int(), in_match=True),
-    "MaxStartups": _Option(
-        "max_startups", _max_startups, "last", dump=lambda v, cfg: [":".join(str(n) for n in v)]
-    ),
+    "MaxStartups": _Option("max_startups", _max_startups, "last", dump=lambda v, cfg: [":".join(str(n) for n in v)]),
     "LoginGraceTime": _Option("login_grace_time", _time),
     "ClientAliveInterval": _Option("client_alive_interval", _time, in_match=True),
     "ClientAliveCountMax": _Option("client_alive_count_max", _int(), in_match=True),
@@ -793,9 +787,7 @@ _OPTIONS: dict[str, _Option] = {
     "TCPKeepAlive": _Option("tcp_keep_alive", _flag),
     "KeepAlive": _Option("tcp_keep_alive", _flag, alias_of="TCPKeepAlive"),
     "UseDNS": _Option("use_dns", _flag),
-    "Subsystem": _Option(
-        "subsystems", _subsystem, "subsystem", dump=lambda v, cfg: [f"{k} {c}" for k, c in v.items()]
-    ),
+    "Subsystem": _Option("subsystems", _subsystem, "subsystem", dump=lambda v, cfg: [f"{k} {c}" for k, c in v.items()]),
     "AcceptEnv": _Option("accept_env", _words, "append", in_match=True, dump=_dump_each),
     "AuthenticationMethods": _Option("authentication_methods", _authentication_methods, in_match=True),
     "ForceCommand": _Option("force_command", _rest_or_none, in_match=True),

@@ -202,9 +202,7 @@ class _MlkemX25519Secret(_ClientSecret):
         self._mlkem_key = mlkem.MLKEM768PrivateKey.generate()
         self._x25519_key = x25519.X25519PrivateKey.generate()
         # C_INIT = ML-KEM-768 encapsulation key || X25519 public key
-        self.public = (
-            self._mlkem_key.public_key().public_bytes_raw() + self._x25519_key.public_key().public_bytes_raw()
-        )
+        self.public = self._mlkem_key.public_key().public_bytes_raw() + self._x25519_key.public_key().public_bytes_raw()
 
     def shared_secret(self, server_public: bytes) -> bytes:
         # S_REPLY = ML-KEM-768 ciphertext || X25519 public key
@@ -420,9 +418,7 @@ class KexClient:
 class KexServer:
     """The server side of one key exchange: feed message 30, send the returned message 31."""
 
-    def __init__(
-        self, name: str, ctx: ExchangeContext, host_key_blob: bytes, sign: Callable[[bytes], bytes]
-    ) -> None:
+    def __init__(self, name: str, ctx: ExchangeContext, host_key_blob: bytes, sign: Callable[[bytes], bytes]) -> None:
         self.name = name
         self._agreement = _agreement(name)
         self._ctx = ctx
@@ -442,9 +438,7 @@ class KexServer:
         )
         signature = self._sign(exchange_hash)
         reply = _encode_reply(self._agreement, self._host_key_blob, server_public, signature)
-        outcome = KexOutcome(
-            self._agreement.hash_name, shared_secret, exchange_hash, self._host_key_blob, signature
-        )
+        outcome = KexOutcome(self._agreement.hash_name, shared_secret, exchange_hash, self._host_key_blob, signature)
         return reply, outcome
 
 

@@ -214,9 +214,7 @@ class PrivateKey:
     __slots__ = ("_crypto_key", "public")
 
     def __init__(self, crypto_key: Any) -> None:
-        if not isinstance(
-            crypto_key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-        ):
+        if not isinstance(crypto_key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise KeyError_(f"unsupported private key type {type(crypto_key).__name__}")
         self._crypto_key = crypto_key
         self.public = public_key_from_crypto(crypto_key.public_key())
@@ -321,16 +319,12 @@ def _write_private_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def write_private_key(
-    key: PrivateKey, path: str | Path, comment: str = "", passphrase: bytes | None = None
-) -> None:
+def write_private_key(key: PrivateKey, path: str | Path, comment: str = "", passphrase: bytes | None = None) -> None:
     """Write `path` (OpenSSH format, mode 0600, encrypted when a passphrase is given) and `path`.pub."""
     path = Path(path)
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
-    data = key.crypto_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption
-    )
+    data = key.crypto_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption)
     _write_private_file(path, data)
     Path(f"{path}.pub").write_text(key.public.openssh_line(comment) + "\n", encoding="utf-8")

@@ -199,7 +199,13 @@ class StreamBridge(ChannelHandler):
     # --- both ---
 
     def _maybe_send_eof(self) -> None:
-        if self._socket_eof and self._channel_ready and self._pending is None and not self._early and not self._eof_sent:
+        if (
+            self._socket_eof
+            and self._channel_ready
+            and self._pending is None
+            and not self._early
+            and not self._eof_sent
+        ):
             self._eof_sent = True
             self.conn.send_eof(self.channel_id)
             self._maybe_close()

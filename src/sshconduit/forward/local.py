@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -128,10 +129,8 @@ class LocalForward:
             await server.wait_closed()
         self._servers.clear()
         if self.path is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
     async def __aenter__(self) -> LocalForward:
         return await self.start() if not self._servers else self
