@@ -217,6 +217,13 @@ class UserauthBanner(Message, msg_id=53):
     language: Text = ""
 
 
+class UserauthMethodReply(Message, msg_id=60):
+    """Message 60 means PK_OK, INFO_REQUEST or PASSWD_CHANGEREQ depending on the method in progress: the
+    auth layer re-reads it with ``decode_as`` for the class it expects."""
+
+    data: Rest
+
+
 class UserauthPkOk(Message, msg_id=60, dispatch=False):
     algorithm: Text
     key_blob: Str
