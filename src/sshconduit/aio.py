@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from . import auth, connection, limits, messages
 from .crypto import keys
@@ -78,6 +80,7 @@ class SSHConnection(asyncio.Protocol):
         max_auth_tries: int = limits.MAX_AUTH_ATTEMPTS,
         banner: str | None = None,
         login_grace_time: float = limits.LOGIN_GRACE_TIME,
+        max_channels: int = limits.MAX_CHANNELS,
     ) -> None:
         self.role = role
         self.core = Transport(role, config, host_keys)
@@ -89,6 +92,7 @@ class SSHConnection(asyncio.Protocol):
         self._max_auth_tries = max_auth_tries
         self._banner = banner
         self._login_grace_time = login_grace_time
+        self._max_channels = max_channels
         self._grace_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None
         self._flush_scheduled = False
@@ -96,6 +100,10 @@ class SSHConnection(asyncio.Protocol):
         self.local_address = "?"
         self.local_port = 0
         self.connection_made_hook: Callable[[], None] | None = None
+        self.auth_succeeded_hook: Callable[[], None] | None = None  # server: limits, ClientAlive
+        # ClientAliveInterval counts the peer's silence from here; time.monotonic: uvloop's loop.time() is in ms
+        self.last_received = time.monotonic()
+        self.cleanup_callbacks: list[Callable[[], None]] = []  # run once when the connection goes (listeners)
         self.kex_done: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.auth_messages: asyncio.Queue[messages.Message] = asyncio.Queue()
@@ -106,11 +114,13 @@ class SSHConnection(asyncio.Protocol):
         self._global_replies: list[asyncio.Future[tuple[bool, bytes]]] = []
         self._global_answering: asyncio.Task[None] | None = None  # replies must go out in arrival order
         self.close_reason: SSHError | None = None
+        self.peer_is_us = False  # the peer is sshconduit too: bulk channels use bigger packets and windows
 
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.
+        transport = cast(asyncio.Transport, transport)
         self._socket = transport
         peer = transport.get_extra_info("peername")
         if peer:
@@ -126,6 +136,7 @@ class SSHConnection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
         try:
             self._handle_events(self.core.receive_data(data))
         except ProtocolError as exc:
@@ -151,6 +162,12 @@ class SSHConnection(asyncio.Protocol):
             except Exception:
                 log.exception("channel %d: error while closing", handler.channel_id)
         self.handlers.clear()
+        callbacks, self.cleanup_callbacks = self.cleanup_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("error while cleaning up the connection")
         for fut in (self.kex_done, self.closed):
             if not fut.done():
                 if fut is self.closed:
@@ -185,7 +202,9 @@ class SSHConnection(asyncio.Protocol):
     # --- closing ---
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.info("Disconnecting %s port %d: %s", self.peername[0], self.peername[1], exc)
+        who = f"authenticating user {exc.user} " if isinstance(exc, auth.TooManyAuthFailures) else ""
+        preauth = " [preauth]" if self.role is Role.SERVER and self.user is None else ""
+        log.info("Disconnecting %s%s port %d: %s%s", who, self.peername[0], self.peername[1], exc, preauth)
         self.close_reason = exc
         self.core.disconnect(exc.reason, str(exc))
         self._flush()
@@ -205,7 +224,10 @@ class SSHConnection(asyncio.Protocol):
 
     def _grace_expired(self) -> None:
         if self.user is None:
-            self._protocol_error(ProtocolError("Timeout before authentication", DisconnectReason.BY_APPLICATION))
+            log.info("Timeout before authentication for %s port %d", *self.peername)  # sshd's words
+            self.close_reason = ProtocolError("Timeout before authentication", DisconnectReason.BY_APPLICATION)
+            self.core.disconnect(DisconnectReason.BY_APPLICATION, "Timeout before authentication")
+            self._flush()
 
     # --- event routing ---
 
@@ -275,13 +297,18 @@ class SSHConnection(asyncio.Protocol):
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
         log.info("Accepted %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
         self.start_connection_layer()
+        if self.auth_succeeded_hook is not None:
+            self.auth_succeeded_hook()
 
     def _log_auth_failure(self, event: auth.AuthFailed) -> None:
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
         log.info("Failed %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
 
     def start_connection_layer(self) -> None:
-        self.channels = connection.ConnectionLayer(self.send)
+        self.channels = connection.ConnectionLayer(self.send, max_channels=self._max_channels)
+        self.peer_is_us = "sshconduit" in (self.core.peer_version or "")
+        if self.peer_is_us:
+            self.channels.max_payload = limits.PEER_MAX_PAYLOAD
 
     # --- channels ---
 
@@ -365,8 +392,8 @@ class SSHConnection(asyncio.Protocol):
             return
         handler.bind(self, event.channel_id)
         self.handlers[event.channel_id] = handler
-        channels.accept_channel(event.channel_id, *handler_window(handler))
-        self.schedule_flush()
+        channels.accept_channel(event.channel_id, *handler_window(handler, self.peer_is_us))
+        self._flush()  # now, not a loop turn later: each forwarded connection waits on this round trip
         handler.opened(b"")
 
     async def _answer_global_request(
@@ -389,11 +416,11 @@ class SSHConnection(asyncio.Protocol):
     def open_channel(self, handler: ChannelHandler, channel_type: str, type_data: bytes = b"") -> int:
         if self.channels is None or self.core.closed:
             raise Disconnected(DisconnectReason.CONNECTION_LOST, "not connected")
-        window, max_packet = handler_window(handler)
+        window, max_packet = handler_window(handler, self.peer_is_us)
         channel_id = self.channels.open_channel(channel_type, type_data, window, max_packet)
         handler.bind(self, channel_id)
         self.handlers[channel_id] = handler
-        self.schedule_flush()
+        self._flush()  # the open's round trip is on a new forwarded connection's critical path
         return channel_id
 
     async def global_request(self, name: str, data: bytes = b"") -> tuple[bool, bytes]:
@@ -439,8 +466,13 @@ class SSHConnection(asyncio.Protocol):
             self.schedule_flush()
 
 
-def handler_window(handler: ChannelHandler) -> tuple[int, int]:
-    """The window and max packet a handler asks for (class attributes), else OpenSSH's defaults."""
+def handler_window(handler: ChannelHandler, peer_is_us: bool = False) -> tuple[int, int]:
+    """The window and max packet a handler asks for (class attributes), else OpenSSH's defaults.
+
+    A handler with ``bulk = True`` (a forwarded stream) gets the larger limits when the peer is sshconduit.
+    """
+    if peer_is_us and getattr(handler, "bulk", False):
+        return limits.PEER_WINDOW, limits.PEER_MAX_PACKET
     return (
         getattr(handler, "window", limits.DEFAULT_WINDOW),
         getattr(handler, "max_packet", limits.DEFAULT_MAX_PACKET),

@@ -78,6 +78,14 @@ class AuthPolicy(Protocol):
     def check_password(self, user: str, password: str) -> bool: ...
 
 
+class TooManyAuthFailures(ProtocolError):
+    """MaxAuthTries reached; the user is kept for sshd's log line."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__("Too many authentication failures", DisconnectReason.NO_MORE_AUTH_METHODS_AVAILABLE)
+        self.user = user
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSucceeded:
     user: str
@@ -196,10 +204,10 @@ class ServerAuth:
             self._send(messages.UserauthSuccess().encode())
             return [AuthSucceeded(user, method, key)]
         self._failures += 1
-        if self._failures >= self._max_tries:
-            raise ProtocolError(
-                f"Too many authentication failures for {user}", DisconnectReason.NO_MORE_AUTH_METHODS_AVAILABLE
-            )
+        # a policy may carry its own limit, set per user (sshd_config Match) once the user is known
+        max_tries = getattr(self._policy, "max_auth_tries", None)
+        if self._failures >= (self._max_tries if max_tries is None else max_tries):
+            raise TooManyAuthFailures(user)
         self._fail(user)
         return [AuthFailed(user, method, key)]
 

@@ -75,13 +75,13 @@ class Channel:
         self.replies_owed = 0  # peer's want_reply requests we have not answered
         self.replies_expected = 0  # our want_reply requests the peer has not answered
 
-    def set_peer_limits(self, window: int, max_packet: int) -> None:
+    def set_peer_limits(self, window: int, max_packet: int, max_payload: int = limits.MAX_PAYLOAD_WE_SEND) -> None:
         if max_packet < 1:
             raise ProtocolError(f"channel {self.local_id}: peer maximum packet size {max_packet} is invalid")
         self.send_window = window
         self.peer_max_packet = max_packet
-        self.send_chunk = min(max_packet, limits.MAX_PAYLOAD_WE_SEND - DATA_OVERHEAD)
-        self.send_ext_chunk = min(max_packet, limits.MAX_PAYLOAD_WE_SEND - EXTENDED_DATA_OVERHEAD)
+        self.send_chunk = min(max_packet, max_payload - DATA_OVERHEAD)
+        self.send_ext_chunk = min(max_packet, max_payload - EXTENDED_DATA_OVERHEAD)
 
     def take_received(self, nbytes: int) -> None:
         """Charge ``nbytes`` of incoming data against the window we granted; a peer over it is a violation."""

@@ -158,6 +158,7 @@ class ConnectionLayer:
         self._global_replies_owed = 0
         self._global_replies_expected = 0
         self._no_more_sessions = False
+        self.max_payload = limits.MAX_PAYLOAD_WE_SEND  # raised to PEER_MAX_PAYLOAD for a sshconduit peer
         self._handlers: dict[type[messages.Message], Callable[..., list[Event]]] = {
             messages.GlobalRequest: self._on_global_request,
             messages.RequestSuccess: self._on_request_success,
@@ -250,7 +251,7 @@ class ConnectionLayer:
             return []
         channel = self._new_channel(OpenState.OFFERED, limits.DEFAULT_WINDOW, limits.DEFAULT_MAX_PACKET)
         channel.remote_id = msg.sender_channel
-        channel.set_peer_limits(msg.initial_window, msg.max_packet)
+        channel.set_peer_limits(msg.initial_window, msg.max_packet, self.max_payload)
         return [
             ChannelOpenRequest(channel.local_id, msg.channel_type, msg.type_data, msg.initial_window, msg.max_packet)
         ]
@@ -264,7 +265,7 @@ class ConnectionLayer:
     def _on_open_confirmation(self, msg: messages.ChannelOpenConfirmation) -> list[Event]:
         channel = self._pending_open(msg.recipient_channel)
         channel.remote_id = msg.sender_channel
-        channel.set_peer_limits(msg.initial_window, msg.max_packet)
+        channel.set_peer_limits(msg.initial_window, msg.max_packet, self.max_payload)
         channel.state = OpenState.OPEN
         if channel.close_pending:  # closed by the application while the open was in flight
             self._send(messages.ChannelClose(channel.remote_id).encode())

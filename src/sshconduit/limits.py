@@ -5,6 +5,11 @@ MAX_PRE_VERSION_LINES = 1024  # banner lines a server may send before its versio
 MAX_PRE_VERSION_BYTES = 64 * 1024
 MAX_PACKET_LENGTH = 256 * 1024 + 1024  # the packet_length field; OpenSSH allows 256 KiB
 MAX_PAYLOAD_WE_SEND = 32 * 1024 + 1024  # payloads we build stay within what every peer must accept
+# Between two sshconduit peers (version string says so): bigger data packets and windows cut per-packet cost.
+# The packet stays under MAX_PACKET_LENGTH, which the peer checks too.
+PEER_MAX_PAYLOAD = 64 * 1024 + 1024
+PEER_MAX_PACKET = 64 * 1024  # CHANNEL_DATA bytes per packet we ask a sshconduit peer for
+PEER_WINDOW = 4 * 1024 * 1024  # as many packets in flight as OpenSSH's 2 MiB of 32 KiB packets
 
 DEFAULT_REKEY_BYTES = 1 << 30  # rekey after 1 GiB in either direction
 MAX_KEX_INIT_WAIT_PACKETS = 64  # non-kex packets we hold back while a rekey runs before complaining
@@ -13,6 +18,7 @@ MAX_AUTH_ATTEMPTS = 6  # sshd's MaxAuthTries default
 LOGIN_GRACE_TIME = 120.0  # seconds before auth must succeed
 
 MAX_CHANNELS = 20000  # channels a peer may have open on one connection
+MAX_SERVER_CHANNELS = 1024  # conduitd: each forwarded channel holds a socket; keep fds for other users
 DEFAULT_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_TCP_WINDOW_DEFAULT
 DEFAULT_MAX_PACKET = 32 * 1024  # OpenSSH's CHAN_TCP_PACKET_DEFAULT
 MAX_WINDOW = (1 << 32) - 1
@@ -24,3 +30,5 @@ RSA_MAX_BITS = 16384
 MAX_AGENT_MESSAGE = 256 * 1024
 MAX_AGENT_IDENTITIES = 2048
 AGENT_TIMEOUT = 30.0  # seconds for one agent request (it may prompt the user for confirmation)
+
+MAX_REMOTE_LISTENERS = 256  # tcpip-forward / streamlocal-forward listeners one connection may hold open

@@ -9,7 +9,10 @@ import pwd
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import audit
+from .access import access_denial
 from .config.authorized_keys import AuthorizedKey, KeyOptions, find_authorized_key, load_authorized_keys
+from .config.patterns import match_pattern
 from .crypto import keys
 
 log = logging.getLogger("sshconduit.policy")
@@ -17,6 +20,7 @@ log = logging.getLogger("sshconduit.policy")
 PasswordChecker = Callable[[str, str], bool]
 
 OPEN_PROHIBITED = 1
+PRIVILEGED_PORTS = 1024  # IPPORT_RESERVED: binding below it needs root
 
 
 @dataclass
@@ -33,27 +37,62 @@ class ServerPolicy:
     allow_tcp_forwarding: str = "yes"  # yes | all | no | local | remote
     disable_forwarding: bool = False
     permit_open: Sequence[str] = ("any",)
+    permit_listen: Sequence[str] = ("any",)
+    gateway_ports: str = "no"  # no | yes | clientspecified
+    allow_stream_local_forwarding: str = "yes"  # yes | all | no | local | remote
+    stream_local_bind_mask: int = 0o177
+    stream_local_bind_unlink: bool = False
     allow_users: Sequence[str] = ()
     deny_users: Sequence[str] = ()
+    allow_groups: Sequence[str] = ()
+    deny_groups: Sequence[str] = ()
+    permit_tty: bool = True
+    max_sessions: int = 10
+    max_auth_tries: int | None = None  # None: the server's own; set when Match may change it per user
+    client_alive_interval: int = 0
+    client_alive_count_max: int = 3
     serving_uid: int = field(default_factory=os.getuid)
     client_address: str | None = None
+    local_address: str | None = None
+    local_port: int = 0
+    # Match blocks: called once with the first user name a USERAUTH_REQUEST names; updates this policy in place
+    on_user: Callable[[ServerPolicy, str], None] | None = None
+    bound_user: str | None = None
+    _denial_logged: bool = False
     # what the accepted key's authorized_keys line allowed, once a key has been accepted
     key_options: KeyOptions | None = None
 
     # --- AuthPolicy ---
 
+    def bind_user(self, user: str) -> bool:
+        """Apply Match blocks for the first user named; False for a later request naming another user."""
+        if self.bound_user is None:
+            self.bound_user = user
+            if self.on_user is not None:
+                self.on_user(self, user)
+        return user == self.bound_user
+
     def _user_allowed(self, user: str) -> bool:
+        if not self.bind_user(user):
+            return False  # sshd: "Change of username or service not allowed"
         try:
             entry = pwd.getpwnam(user)
         except KeyError:
             return False
         if self.serving_uid != 0 and entry.pw_uid != self.serving_uid:
             return False  # an unprivileged server serves its own user only
-        if user in self.deny_users:
-            return False
-        return not self.allow_users or user in self.allow_users
+        reason = access_denial(
+            user, self.client_address, self.allow_users, self.deny_users, self.allow_groups, self.deny_groups
+        )
+        if reason is not None and not self._denial_logged:
+            self._denial_logged = True
+            log.info("User %s from %s not allowed because %s", user, self.client_address, reason)
+            audit.refused(user, self.client_address, "login", "", reason)
+        return reason is None
 
     def allowed_methods(self, user: str) -> list[str]:
+        if not self.bind_user(user):
+            return []
         methods = []
         if self.pubkey_authentication:
             methods.append("publickey")
@@ -98,6 +137,14 @@ class ServerPolicy:
 
     # --- forwarding ---
 
+    def streamlocal_forwarding_denial(self) -> str | None:
+        """None when a direct-streamlocal channel may open, else the reason to log."""
+        if self.disable_forwarding or self.allow_stream_local_forwarding not in ("yes", "all", "local"):
+            return "AllowStreamLocalForwarding"
+        if self.key_options is not None and not self.key_options.allows_port_forwarding():
+            return "authorized_keys no-port-forwarding"
+        return None
+
     def local_forwarding_denial(self, host: str, port: int) -> str | None:
         """None when a direct-tcpip to host:port may open, else the reason to log."""
         if self.disable_forwarding or self.allow_tcp_forwarding not in ("yes", "all", "local"):
@@ -112,6 +159,29 @@ class ServerPolicy:
             and not permit_open_allows(self.key_options.permitopen, host, port)
         ):
             return "authorized_keys permitopen"
+        return None
+
+    def remote_forwarding_denial(self, host: str, port: int, uid: int) -> str | None:
+        """None when a tcpip-forward of host:port may listen for a user with this uid, else the reason to log."""
+        if self.disable_forwarding or self.allow_tcp_forwarding not in ("yes", "all", "remote"):
+            return "AllowTcpForwarding"
+        if self.key_options is not None and not self.key_options.allows_port_forwarding():
+            return "authorized_keys no-port-forwarding"
+        if 0 < port < PRIVILEGED_PORTS and uid != 0:
+            return "privileged port"  # as sshd's bind_permitted()
+        key_listen = self.key_options.permitlisten if self.key_options is not None else []
+        if key_listen and not permit_listen_allows(key_listen, host, port):
+            return "authorized_keys permitlisten"
+        if not permit_listen_allows(self.permit_listen, host, port):
+            return "PermitListen"
+        return None
+
+    def remote_streamlocal_denial(self) -> str | None:
+        """None when a streamlocal-forward@openssh.com may listen, else the reason to log."""
+        if self.disable_forwarding or self.allow_stream_local_forwarding not in ("yes", "all", "remote"):
+            return "AllowStreamLocalForwarding"
+        if self.key_options is not None and not self.key_options.allows_port_forwarding():
+            return "authorized_keys no-port-forwarding"
         return None
 
 
@@ -134,5 +204,25 @@ def permit_open_allows(entries: Sequence[str], host: str, port: int) -> bool:
         if want_port not in ("*", str(port)):
             continue
         if want_host in ("*", host) or want_host.lower() == host.lower():
+            return True
+    return False
+
+
+def permit_listen_allows(entries: Sequence[str], host: str, port: int) -> bool:
+    """PermitListen / permitlisten= semantics: 'any', 'none', port (any host) or host:port; host is a pattern
+    matched against the requested address, lowercased; port '*' is any port."""
+    for entry in entries:
+        if entry == "any":
+            return True
+        if entry == "none":
+            return False
+        if ":" in entry:
+            want_host, _, want_port = entry.rpartition(":")
+            want_host = want_host.strip("[]")
+        else:
+            want_host, want_port = "*", entry
+        if want_port not in ("*", str(port)):
+            continue
+        if match_pattern(host.lower(), want_host):
             return True
     return False

@@ -7,14 +7,15 @@ import copy
 import logging
 import os
 import pwd
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import connection
+from . import audit, connection, keepalive, limits
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
 from .errors import ChannelOpenError
-from .forward import direct
+from .forward import direct, remote
+from .forward.bridge import StreamBridge
 from .policy import ServerPolicy
 from .transport import Role, TransportConfig
 
@@ -42,6 +43,7 @@ class ServerConnectionHandler:
     def __init__(self, options: ServerOptions, policy: ServerPolicy) -> None:
         self.options = options
         self.policy = policy
+        self.remote_forwards: remote.RemoteForwards | None = None  # made on the first -R request
 
     async def open_channel(self, conn: SSHConnection, event: connection.ChannelOpenRequest) -> ChannelHandler:
         kind = event.channel_type
@@ -51,17 +53,26 @@ class ServerConnectionHandler:
             req = direct.decode_direct_tcpip(event.type_data)
             denial = self.policy.local_forwarding_denial(req.host, req.port)
             label = f"{conn.user}@{conn.peername[0]}: direct-tcpip to {req.host}:{req.port}"
+            destination = f"{req.host}:{req.port}"
             if denial is not None:
                 log.info("refused local port forward to %s port %d for %s (%s)", req.host, req.port, conn.user, denial)
+                audit.refused(conn.user, conn.peername[0], kind, destination, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
             log.debug("%s: originator %s port %d", label, req.originator_host, req.originator_port)
-            return await direct.connect_tcp(req.host, req.port, label)
+            opening = direct.connect_tcp(req.host, req.port, label)
+            bridge = await _open_audited(conn, kind, destination, opening)
+            return audit.track(bridge, conn.user, conn.peername[0], kind, destination)
         if kind == "direct-streamlocal@openssh.com":
             req_unix = direct.decode_direct_streamlocal(event.type_data)
-            policy = self.policy
-            if policy.disable_forwarding or policy.allow_tcp_forwarding == "no":
+            path = req_unix.socket_path
+            denial = self.policy.streamlocal_forwarding_denial()
+            if denial is not None:
+                log.info("refused streamlocal forward to %s for %s (%s)", path, conn.user, denial)
+                audit.refused(conn.user, conn.peername[0], kind, path, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
-            return await direct.connect_unix(req_unix.socket_path, f"{conn.user}: streamlocal {req_unix.socket_path}")
+            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}")
+            bridge = await _open_audited(conn, kind, path, opening)
+            return audit.track(bridge, conn.user, conn.peername[0], kind, path)
         raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")
 
     def _session(self, conn: SSHConnection) -> ChannelHandler:
@@ -78,12 +89,22 @@ class ServerConnectionHandler:
             "SSH_CLIENT": f"{conn.peername[0]} {conn.peername[1]} {conn.local_port}",
             "SSH_CONNECTION": f"{conn.peername[0]} {conn.peername[1]} {conn.local_address} {conn.local_port}",
         }
+        sessions = sum(isinstance(h, ServerSession) for h in conn.handlers.values())
+        if sessions >= self.policy.max_sessions:
+            log.info("refused session for %s: MaxSessions %d reached", user, self.policy.max_sessions)
+            audit.refused(user, conn.peername[0], "session", "", "MaxSessions")
+            raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
         key_options = self.policy.key_options
-        allow_pty = self.options.permit_tty and (key_options is None or key_options.allows_pty())
+        allow_pty = self.options.permit_tty and self.policy.permit_tty
+        allow_pty = allow_pty and (key_options is None or key_options.allows_pty())
         command = key_options.command if key_options is not None else None
         return ServerSession(entry.pw_shell or "/bin/sh", env, allow_pty=allow_pty, forced_command=command)
 
     async def global_request(self, conn: SSHConnection, event: connection.GlobalRequestReceived) -> bytes | None:
+        if event.name in remote.GLOBAL_REQUESTS:
+            if self.remote_forwards is None:
+                self.remote_forwards = remote.RemoteForwards(conn, self.policy)
+            return await self.remote_forwards.handle(event)
         if event.name == "keepalive@openssh.com":
             return None  # OpenSSH answers failure: the reply itself is the keepalive
         log.debug("unsupported global request %s", event.name)
@@ -103,20 +124,41 @@ def make_server_connection(options: ServerOptions) -> SSHConnection:
         max_auth_tries=options.max_auth_tries,
         banner=options.banner,
         login_grace_time=options.login_grace_time,
+        max_channels=limits.MAX_SERVER_CHANNELS,
     )
-    conn.connection_made_hook = lambda: setattr(policy, "client_address", conn.peername[0])
+
+    def made() -> None:
+        policy.client_address = conn.peername[0]
+        policy.local_address, policy.local_port = conn.local_address, conn.local_port
+
+    conn.connection_made_hook = made
+    conn.auth_succeeded_hook = lambda: keepalive.start(
+        conn, policy.client_alive_interval, policy.client_alive_count_max
+    )
     return conn
 
 
-async def listen(options: ServerOptions) -> list[asyncio.Server]:
-    """Bind every listen address; raises OSError naming the address that failed."""
+async def _open_audited(
+    conn: SSHConnection, kind: str, destination: str, opening: Awaitable[StreamBridge]
+) -> StreamBridge:
+    try:
+        return await opening
+    except ChannelOpenError as exc:
+        audit.refused(conn.user, conn.peername[0], kind, destination, exc.description)
+        raise
+
+
+async def listen(options: ServerOptions, factory: Callable[[], SSHConnection] | None = None) -> list[asyncio.Server]:
+    """Bind every listen address; raises OSError naming the address that failed. ``factory`` (conduitd: reload,
+    MaxStartups) makes each connection instead of ``make_server_connection(options)``."""
     if not options.host_keys:
         raise ValueError("a server needs at least one host key")
     loop = asyncio.get_running_loop()
     servers = []
     for host, port in options.listen:
         try:
-            server = await loop.create_server(lambda: make_server_connection(options), host, port, reuse_address=True)
+            make = factory or (lambda: make_server_connection(options))
+            server = await loop.create_server(make, host, port, reuse_address=True)
         except OSError as exc:
             for s in servers:
                 s.close()

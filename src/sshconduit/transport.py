@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,6 +35,7 @@ _PSEUDO_KEX = {STRICT_KEX_CLIENT, STRICT_KEX_SERVER, EXT_INFO_CLIENT, EXT_INFO_S
 # service ones, and the kex range. Strict kex narrows the initial exchange to the kex messages only.
 _KEX_ALLOWED = frozenset({1, 2, 3, 4, 20, 21, *range(30, 50)})
 _STRICT_ALLOWED = frozenset({1, 20, 21, *range(30, 50)})
+_U32_PAIR = struct.Struct(">II")
 
 
 class Role(Enum):
@@ -238,31 +240,44 @@ class Transport:
         """Feed bytes from the peer; returns events. Raises ProtocolError when the peer breaks the protocol."""
         if self._closed:
             return []
-        self._in += data
+        buf: bytes | bytearray | memoryview
+        if self._in or self.peer_version is None:
+            self._in += data
+            buf = self._in
+        else:
+            buf = data  # no partial packet waiting (the usual case): parse the read where it is, no copy
         events: list[object] = []
         if self.peer_version is None and not self._read_version():
             return events
-        buf = self._in
         opener = self._opener
-        while self._awaiting_host_key is None and not self._closed:
-            if self._packet_length is None:
-                if len(buf) < opener.header_size:
+        pos, end = 0, len(buf)
+        with memoryview(buf) as view:
+            while self._awaiting_host_key is None and not self._closed:
+                if self._packet_length is None:
+                    if end - pos < opener.header_size:
+                        break
+                    length = opener.packet_length(self._seq_in, view[pos : pos + opener.header_size])
+                    if length < 5 or length > limits.MAX_PACKET_LENGTH:
+                        raise ProtocolError(f"bad packet length {length}")
+                    self._packet_length = length
+                total = 4 + self._packet_length + opener.mac_size
+                if end - pos < total:
                     break
-                length = opener.packet_length(self._seq_in, memoryview(buf)[: opener.header_size])
-                if length < 5 or length > limits.MAX_PACKET_LENGTH:
-                    raise ProtocolError(f"bad packet length {length}")
-                self._packet_length = length
-            total = 4 + self._packet_length + opener.mac_size
-            if len(buf) < total:
-                break
-            with memoryview(buf) as view:
-                payload = opener.open(self._seq_in, view[:total])
-            del buf[:total]
-            self._packet_length = None
-            self._seq_in = (self._seq_in + 1) & 0xFFFFFFFF
-            self._bytes_since_kex += total
-            self._dispatch(payload, events)
-            opener = self._opener  # NEWKEYS may have switched it
+                open_view = getattr(opener, "open_view", None)
+                if open_view is not None:
+                    payload = open_view(self._seq_in, view[pos : pos + total])
+                else:
+                    payload = opener.open(self._seq_in, view[pos : pos + total])
+                pos += total
+                self._packet_length = None
+                self._seq_in = (self._seq_in + 1) & 0xFFFFFFFF
+                self._bytes_since_kex += total
+                self._dispatch(payload, events)
+                opener = self._opener  # NEWKEYS may have switched it
+        if buf is self._in:
+            del self._in[:pos]
+        elif pos < end:
+            self._in += buf[pos:]  # only the partial packet is kept
         if self._bytes_since_kex > self.config.rekey_bytes:
             self.rekey()
         return events
@@ -308,8 +323,15 @@ class Transport:
     def _send_transport(self, msg: Message) -> None:
         self._seal((msg.encode(),))
 
-    def _dispatch(self, payload: bytes, events: list[object]) -> None:
+    def _dispatch(self, payload: bytes | memoryview, events: list[object]) -> None:
         msg_id = payload[0] if payload else -1
+        if msg_id == 94 and self._kex_count and self._peer_kexinit is None and len(payload) >= 9:
+            recipient, length = _U32_PAIR.unpack_from(payload, 1)
+            if length == len(payload) - 9:
+                # CHANNEL_DATA, most packets of a forward: no generic codec, one copy of the data
+                events.append(messages.ChannelData(recipient, bytes(payload[9:])))
+                return
+        payload = bytes(payload)
         if self._peer_kexinit is not None and not self._newkeys_received:
             allowed = _STRICT_ALLOWED if self.strict_kex and self._kex_count == 0 else _KEX_ALLOWED
             if msg_id not in allowed or (msg_id == 20):

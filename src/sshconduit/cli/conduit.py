@@ -11,6 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from .. import evloop
 from ..client import ClientOptions, SSHClient, connect_with_options
 from ..config.forward_spec import ForwardSpec, parse_forward
 from ..config.ssh_config import ClientConfig, resolve_client_config
@@ -173,10 +174,15 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
     )
 
 
+# The forwards stay referenced here: uvloop's loop does not keep a listening server alive, so a dropped
+# LocalForward would be collected and its socket closed.
+_active_forwards: list[LocalForward] = []
+
+
 async def start_forwards(client: SSHClient, specs: list[ForwardSpec], gateway: bool, exit_on_failure: bool) -> None:
     for spec in specs:
         try:
-            await LocalForward(client.conn, spec, gateway).start()
+            _active_forwards.append(await LocalForward(client.conn, spec, gateway).start())
         except ForwardError as exc:
             log.error("%s", exc)
             if exit_on_failure:
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd, 0)
     try:
-        return asyncio.run(run(inv, cfg))
+        return evloop.run(run(inv, cfg))
     except KeyboardInterrupt:
         return EXIT_CONNECTION_ERROR
 

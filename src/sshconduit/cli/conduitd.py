@@ -8,14 +8,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from .. import audit, evloop, server_config
 from ..config.sshd_config import ServerConfig, default_server_config, load_server_config
 from ..crypto import keys
 from ..errors import ConfigError, SSHError
-from ..policy import ServerPolicy
 from ..server import ServerOptions, listen
-from ..transport import TransportConfig
 from .logs import setup_logging
 
 log = logging.getLogger("sshconduit.conduitd")
@@ -72,37 +72,7 @@ def load_host_keys(paths: list[str], generate_missing: bool) -> list[keys.Privat
 
 
 def server_options(cfg: ServerConfig, host_keys: list[keys.PrivateKey], embedded: bool) -> ServerOptions:
-    policy = ServerPolicy(
-        authorized_keys_files=cfg.authorized_keys_files,
-        trusted_keys=own_public_keys() if embedded else (),
-        pubkey_authentication=cfg.pubkey_authentication,
-        password_authentication=cfg.password_authentication,
-        kbd_interactive_authentication=cfg.kbd_interactive_authentication,
-        permit_root_login=cfg.permit_root_login,
-        allow_tcp_forwarding=cfg.allow_tcp_forwarding,
-        disable_forwarding=cfg.disable_forwarding,
-        permit_open=cfg.permit_open,
-        allow_users=cfg.allow_users,
-        deny_users=cfg.deny_users,
-    )
-    transport = TransportConfig(
-        kex_algorithms=cfg.kex_algorithms,
-        host_key_algorithms=cfg.host_key_algorithms,
-        ciphers=cfg.ciphers,
-        macs=cfg.macs,
-    )
-    return ServerOptions(
-        listen=cfg.listen_endpoints(),
-        host_keys=host_keys,
-        policy=policy,
-        transport=transport,
-        max_auth_tries=cfg.max_auth_tries,
-        login_grace_time=float(cfg.login_grace_time or 1e9),
-        banner=Path(cfg.banner).read_text()
-        if cfg.banner and cfg.banner != "none" and os.path.exists(cfg.banner)
-        else None,
-        permit_tty=cfg.permit_tty,
-    )
+    return server_config.server_options(cfg, host_keys, own_public_keys() if embedded else ())
 
 
 def usage_error(message: str) -> int:
@@ -115,12 +85,17 @@ def usage_error(message: str) -> int:
     return 1
 
 
-async def serve(options: ServerOptions, cfg: ServerConfig) -> None:
-    servers = await listen(options)
+async def serve(
+    options: ServerOptions, cfg: ServerConfig, reload: Callable[[], server_config.Serving | None] | None = None
+) -> None:
+    daemon = server_config.Daemon(server_config.Serving(cfg, options))
+    servers = await listen(options, daemon.make_connection)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(daemon, reload))
     if cfg.pid_file and cfg.pid_file != "none":
         try:
             Path(cfg.pid_file).write_text(f"{os.getpid()}\n")
@@ -130,6 +105,20 @@ async def serve(options: ServerOptions, cfg: ServerConfig) -> None:
     log.info("Received signal; terminating.")
     for server in servers:
         server.close()
+
+
+def _reload(daemon: server_config.Daemon, reload: Callable[[], server_config.Serving | None]) -> None:
+    """SIGHUP: new connections get the re-read config; a bad file leaves the old one in force."""
+    log.info("Received SIGHUP; reloading configuration.")
+    serving = reload()
+    if serving is None:
+        return
+    old = daemon.serving.cfg
+    if serving.cfg.listen_endpoints() != old.listen_endpoints():
+        log.warning("conduitd: ListenAddress/Port changes take effect on restart only")
+    audit.configure(serving.cfg.audit_log)
+    daemon.reload(serving)
+    log.info("Configuration reloaded.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     foreground = to_stderr = test_only = dump = False
     debug = 0
     logfile = None
+    spec: dict[str, str] | None = None
     for flag, value in opts:
         letter = flag[1]
         if letter not in SUPPORTED:
@@ -172,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             test_only = True
         elif letter == "T":
             dump = True
+        elif letter == "C":
+            try:
+                spec = server_config.parse_connection_spec(value)
+            except ConfigError as exc:
+                return usage_error(str(exc))
         elif letter == "V":
             print(VERSION, file=sys.stderr)
             return 0
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in cfg.warnings:
         log.warning("%s", warning)
     if dump:
-        print(cfg.dump(), end="")
+        print((server_config.config_for_spec(cfg, spec) if spec is not None else cfg).dump(), end="")
         return 0
     host_keys = load_host_keys(cfg.host_keys, generate_missing=embedded or any(f == "-h" for f, _ in opts))
     if not host_keys:
@@ -197,6 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     if test_only:
         return 0
     options = server_options(cfg, host_keys, embedded)
+    audit.configure(cfg.audit_log)
+
+    def reload() -> server_config.Serving | None:
+        if embedded:
+            return None
+        try:
+            new_cfg = load_server_config(config_file, cli_options)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            log.error("%s; keeping the previous configuration", exc)
+            return None
+        for warning in new_cfg.warnings:
+            log.warning("%s", warning)
+        new_keys = load_host_keys(new_cfg.host_keys, generate_missing=False) or list(host_keys)
+        return server_config.Serving(new_cfg, server_options(new_cfg, new_keys, embedded))
+
     if embedded:
         log.warning(
             "conduitd: serving %s on 127.0.0.1 port %d (embedded default: host key %s, trusting "
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if not foreground:
         _daemonize()
     try:
-        asyncio.run(serve(options, cfg))
+        evloop.run(serve(options, cfg, reload))
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 255

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hmac import compare_digest
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -239,7 +239,12 @@ class _GcmSealer(_GcmBase):
         padding = _padding_length(1 + size, 16)
         length_field = _pack_u32(1 + size + padding)
         plaintext = b"".join((_PAD_BYTE[padding], *payload_parts, _ZEROS[:padding]))
-        return length_field + self._aead.encrypt(self._next_nonce(), plaintext, length_field)
+        # Encrypted straight behind the length field: no second copy of the packet to prepend it.
+        packet = bytearray(4 + len(plaintext) + _GCM_TAG_SIZE)
+        packet[:4] = length_field
+        with memoryview(packet) as out:
+            self._aead.encrypt_into(self._next_nonce(), plaintext, length_field, out[4:])
+        return packet  # type: ignore[return-value]  # a bytearray: what the socket takes, one copy fewer
 
 
 class _GcmOpener(_GcmBase):
@@ -258,6 +263,10 @@ class _GcmOpener(_GcmBase):
         return length
 
     def open(self, seq: int, packet: Buffer) -> bytes:
+        return bytes(self.open_view(seq, packet))
+
+    def open_view(self, seq: int, packet: Buffer) -> memoryview:
+        """As open(), without copying the payload out of the decrypted body (the transport's data path)."""
         length = self._length
         _check_wire_size(packet, 4 + length + _GCM_TAG_SIZE)
         view = memoryview(packet)
@@ -265,7 +274,7 @@ class _GcmOpener(_GcmBase):
             body = self._aead.decrypt(self._next_nonce(), view[4:], view[:4])
         except InvalidTag:
             raise MACError() from None
-        return body[1 : _payload_end(body[0], length, 1)]
+        return memoryview(body)[1 : _payload_end(body[0], length, 1)]
 
 
 # --- chacha20-poly1305@openssh.com -----------------------------------------------------------------------
@@ -305,11 +314,10 @@ class _ChachaSealer(_ChachaBase):
         nonce = _pack_u64(seq)
         encrypted_length = self._length_cipher(nonce).update(_pack_u32(1 + size + padding))
         body_cipher, poly_key = self._main_cipher(nonce)
-        encrypted_body = body_cipher.update(b"".join((_PAD_BYTE[padding], *payload_parts, _ZEROS[:padding])))
-        mac = Poly1305(poly_key)
-        mac.update(encrypted_length)
-        mac.update(encrypted_body)
-        return b"".join((encrypted_length, encrypted_body, mac.finalize()))
+        plaintext = b"".join((_PAD_BYTE[padding], *payload_parts, _ZEROS[:padding]))
+        encrypted = encrypted_length + body_cipher.update(plaintext)
+        # One-shot Poly1305: a fraction of the per-packet cost of an object with two updates.
+        return encrypted + Poly1305.generate_tag(poly_key, encrypted)
 
 
 class _ChachaOpener(_ChachaBase):
@@ -328,17 +336,21 @@ class _ChachaOpener(_ChachaBase):
         return length
 
     def open(self, seq: int, packet: Buffer) -> bytes:
+        return bytes(self.open_view(seq, packet))
+
+    def open_view(self, seq: int, packet: Buffer) -> memoryview:
+        """As open(), without copying the payload out of the decrypted body (the transport's data path)."""
         length = self._length
         end = 4 + length
         _check_wire_size(packet, end + _POLY1305_TAG_SIZE)
         view = memoryview(packet)
         body_cipher, poly_key = self._main_cipher(_pack_u64(seq))
-        mac = Poly1305(poly_key)
-        mac.update(view[:end])
-        if not compare_digest(mac.finalize(), view[end:]):
-            raise MACError()
+        try:
+            Poly1305.verify_tag(poly_key, view[:end], bytes(view[end:]))  # constant-time compare inside
+        except InvalidSignature:
+            raise MACError() from None
         body = body_cipher.update(view[4:end])
-        return body[1 : _payload_end(body[0], length, 1)]
+        return memoryview(body)[1 : _payload_end(body[0], length, 1)]
 
 
 # --- aes-ctr + hmac (RFC 4253 6.4 mac-then-encrypt, or OpenSSH's encrypt-then-mac) -----------------------

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from .. import limits
 from ..aio import ChannelHandler
@@ -39,7 +40,8 @@ class _SocketSide(asyncio.Protocol):
         self.bridge = bridge
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.
+        transport = cast(asyncio.Transport, transport)
         self.bridge.socket_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -61,6 +63,7 @@ class _SocketSide(asyncio.Protocol):
 class StreamBridge(ChannelHandler):
     window = limits.DEFAULT_WINDOW
     max_packet = limits.DEFAULT_MAX_PACKET
+    bulk = True  # between sshconduit peers: PEER_WINDOW and PEER_MAX_PACKET (aio.handler_window)
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class StreamBridge(ChannelHandler):
         self.label = label
         self.counters = counters or ForwardCounters()
         self.on_socket_made: Callable[[StreamBridge, asyncio.Transport], None] | None = None
+        self.on_finish: Callable[[StreamBridge, float], None] | None = None  # the audit trail: (bridge, seconds)
         self._on_open_failed = on_open_failed
         self.sock: asyncio.Transport | None = None
         self.protocol = _SocketSide(self)
@@ -95,6 +99,9 @@ class StreamBridge(ChannelHandler):
         self._counted = True
         self.counters.connections += 1
         self.counters.active += 1
+        # Pause only at half our window, not asyncio's 64 KiB: a pause holds back WINDOW_ADJUST, and a
+        # sender that runs out of window waits a round trip. The window still bounds what we buffer.
+        sock.set_write_buffer_limits(high=self.window // 2)
         if not self._channel_ready:
             sock.pause_reading()
         if self.on_socket_made is not None:
@@ -220,10 +227,7 @@ class StreamBridge(ChannelHandler):
         self._finished = True
         if self._counted:
             self.counters.active -= 1
-        log.debug(
-            "%s closed: %d bytes out, %d bytes in, %.3fs",
-            self.label,
-            self.bytes_out,
-            self.bytes_in,
-            time.monotonic() - self._started,
-        )
+        duration = time.monotonic() - self._started
+        log.debug("%s closed: %d bytes out, %d bytes in, %.3fs", self.label, self.bytes_out, self.bytes_in, duration)
+        if self.on_finish is not None:
+            self.on_finish(self, duration)
