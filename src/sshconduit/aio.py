@@ -114,6 +114,7 @@ class SSHConnection(asyncio.Protocol):
         self._global_replies: list[asyncio.Future[tuple[bool, bytes]]] = []
         self._global_answering: asyncio.Task[None] | None = None  # replies must go out in arrival order
         self.close_reason: SSHError | None = None
+        self._early_channel_messages: list[messages.Message] = []  # client: before start_connection_layer
         self.peer_is_us = False  # the peer is sshconduit too: bulk channels use bigger packets and windows
 
     # --- asyncio.Protocol ---
@@ -137,6 +138,8 @@ class SSHConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        if self.channels is not None:
+            self.channels.now = self.last_received  # the clock for receive-window auto-tuning
         try:
             self._handle_events(self.core.receive_data(data))
         except ProtocolError as exc:
@@ -279,6 +282,15 @@ class SSHConnection(asyncio.Protocol):
             if self.channels is None and 5 <= msg.ID < 80:
                 self.auth_messages.put_nowait(msg)
                 return
+            if (
+                self.channels is None
+                and 80 <= msg.ID <= 100
+                and len(self._early_channel_messages) < limits.MAX_EARLY_CONNECTION_MESSAGES
+            ):
+                # sshd sends its hostkeys-00 request right behind USERAUTH_SUCCESS, often in the same read,
+                # before the auth task has started the connection layer: hold it for start_connection_layer.
+                self._early_channel_messages.append(msg)
+                return
         elif self.server_auth is not None and self.channels is None:
             for event in self.server_auth.handle(msg):
                 if isinstance(event, auth.AuthSucceeded):
@@ -309,6 +321,13 @@ class SSHConnection(asyncio.Protocol):
         self.peer_is_us = "sshconduit" in (self.core.peer_version or "")
         if self.peer_is_us:
             self.channels.max_payload = limits.PEER_MAX_PAYLOAD
+        early, self._early_channel_messages = self._early_channel_messages, []
+        if early:
+            try:
+                self._handle_events(early)
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+            self.schedule_flush()
 
     # --- channels ---
 
@@ -447,6 +466,7 @@ class SSHConnection(asyncio.Protocol):
 
     def consumed(self, channel_id: int, nbytes: int) -> None:
         if self.channels is not None and self.channels.is_open(channel_id):
+            self.channels.now = time.monotonic()  # may run long after the read (a socket drained)
             self.channels.consumed(channel_id, nbytes)
             self.schedule_flush()
 

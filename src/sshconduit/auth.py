@@ -195,7 +195,11 @@ class ServerAuth:
             return []
         signature = wire.Reader(req.signature_data).string()
         signed = publickey_signed_data(self._session_id, user, req.algorithm, req.key_blob)
-        ok = key.verify(signed, signature, req.algorithm) and self._policy.check_publickey(user, key)
+        signed_check = getattr(self._policy, "check_signed_publickey", None)  # privsep: the monitor verifies
+        if signed_check is not None:
+            ok = signed_check(user, key, signed, signature, req.algorithm)
+        else:
+            ok = key.verify(signed, signature, req.algorithm) and self._policy.check_publickey(user, key)
         return self._conclude(user, "publickey", key, ok)
 
     def _conclude(self, user: str, method: str, key: keys.PublicKey | None, ok: bool) -> list[object]:

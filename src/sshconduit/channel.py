@@ -40,16 +40,23 @@ class Channel:
         "local_max_packet",
         "peer_max_packet",
         "recv_granted",
+        "recv_initial",
+        "recv_total",
         "recv_unadjusted",
         "recv_unconsumed",
         "recv_window",
         "remote_id",
         "replies_expected",
         "replies_owed",
+        "rtt",
+        "rtt_mark",
+        "rtt_mark_time",
         "send_chunk",
         "send_ext_chunk",
         "send_window",
         "state",
+        "tune_bytes",
+        "tune_time",
     )
 
     def __init__(self, local_id: int, state: OpenState, recv_window: int, local_max_packet: int) -> None:
@@ -58,9 +65,18 @@ class Channel:
         self.remote_id = -1  # unknown until the peer names its side
         # Receive direction: what we granted, what the peer may still send, what the application holds.
         self.recv_granted = recv_window
+        self.recv_initial = recv_window  # before auto-tuning grew it
         self.recv_window = recv_window
         self.recv_unconsumed = 0  # delivered to the application, not yet consumed
         self.recv_unadjusted = 0  # consumed, not yet given back with a WINDOW_ADJUST
+        # Auto-tuning (see grow_window): bytes received in all, the round trip seen through our adjusts,
+        # and the bytes and start time of the current measuring cycle.
+        self.recv_total = 0
+        self.rtt = 0.0  # seconds; 0 = no sample yet
+        self.rtt_mark = -1  # the peer's send limit before our last timed adjust; -1 = none outstanding
+        self.rtt_mark_time = 0.0
+        self.tune_bytes = 0
+        self.tune_time = 0.0
         self.local_max_packet = local_max_packet
         # Send direction: the peer's window and packet limit.
         self.send_window = 0
@@ -83,7 +99,7 @@ class Channel:
         self.send_chunk = min(max_packet, max_payload - DATA_OVERHEAD)
         self.send_ext_chunk = min(max_packet, max_payload - EXTENDED_DATA_OVERHEAD)
 
-    def take_received(self, nbytes: int) -> None:
+    def take_received(self, nbytes: int, now: float = 0.0) -> None:
         """Charge ``nbytes`` of incoming data against the window we granted; a peer over it is a violation."""
         if self.eof_received:
             raise ProtocolError(f"channel {self.local_id}: data after EOF")
@@ -94,6 +110,13 @@ class Channel:
         if nbytes > self.recv_window:
             raise ProtocolError(f"channel {self.local_id}: peer ignored channel window ({nbytes} > {self.recv_window})")
         self.recv_window -= nbytes
+        self.recv_total += nbytes
+        if self.recv_total > self.rtt_mark >= 0 and now:
+            # The peer could not send past the old limit before our adjust reached it: this is at least one
+            # round trip (more if it still had window left), so the minimum over samples estimates the RTT.
+            sample = now - self.rtt_mark_time
+            self.rtt = sample if not self.rtt else min(self.rtt, sample)
+            self.rtt_mark = -1
 
     def consume(self, nbytes: int) -> int:
         """The application took ``nbytes``; return the WINDOW_ADJUST increment to send now, or 0 to wait."""
@@ -103,13 +126,48 @@ class Channel:
         if self.eof_received or self.close_sent:
             return 0  # the peer will send nothing more, so there is nothing to re-open
         self.recv_unadjusted += nbytes
-        # Batch: give the window back only once half of what we granted is consumed.
-        if self.recv_unadjusted < max(1, self.recv_granted // 2):
+        # Batch: give the window back once half of what we granted is consumed, or an eighth once the application
+        # holds nothing. Without the second rule, after an adjust that overshot half by a packet the rest of a
+        # burst stays just short of half and idles a round trip: half a window per RTT on a long link.
+        if self.recv_unadjusted < max(1, self.recv_granted // 2) and (
+            self.recv_unconsumed or self.recv_unadjusted < max(1, self.recv_granted // 8)
+        ):
             return 0
         increment = self.recv_unadjusted
         self.recv_unadjusted = 0
         self.recv_window += increment
         return increment
+
+    def grow_window(self, increment: int, now: float, allowance: int) -> int:
+        """Auto-tune like Linux's receive-buffer tuning, when we send a WINDOW_ADJUST of ``increment`` at ``now``.
+
+        Over each cycle of one window's worth of data, the rate times the RTT is what the link could carry;
+        a window below 1.5x that is the bottleneck, so double it (to MAX_AUTO_WINDOW and ``allowance``).
+        Returns the extra bytes to add to the adjust being sent, or 0. ``now`` 0 (no clock) disables tuning.
+        """
+        if not now:
+            return 0
+        if self.rtt_mark < 0:
+            self.rtt_mark = self.recv_total + self.recv_window - increment
+            self.rtt_mark_time = now
+        if not self.tune_time:
+            self.tune_time = now  # the first cycle starts at the first adjust
+            return 0
+        self.tune_bytes += increment
+        if self.tune_bytes < self.recv_granted:
+            return 0
+        elapsed = now - self.tune_time
+        rate_bytes = self.tune_bytes
+        self.tune_bytes = 0
+        self.tune_time = now
+        if not self.rtt or rate_bytes * self.rtt * 1.5 <= self.recv_granted * max(elapsed, 1e-9):
+            return 0
+        extra = min(self.recv_granted, limits.MAX_AUTO_WINDOW - self.recv_granted, allowance)
+        if extra <= 0:
+            return 0
+        self.recv_granted += extra
+        self.recv_window += extra
+        return extra
 
     @property
     def output_open(self) -> bool:

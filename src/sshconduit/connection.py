@@ -156,6 +156,8 @@ class ConnectionLayer:
         self._free_ids: list[int] = []  # min-heap: the lowest free id is reused first, as OpenSSH does
         self._next_id = 0
         self._global_replies_owed = 0
+        self.window_growth = 0  # bytes auto-tuning added to receive windows of open channels (capped)
+        self.now = 0.0  # the adapter's clock at the current input, for window auto-tuning; 0 = no clock
         self._global_replies_expected = 0
         self._no_more_sessions = False
         self.max_payload = limits.MAX_PAYLOAD_WE_SEND  # raised to PEER_MAX_PAYLOAD for a sshconduit peer
@@ -195,7 +197,7 @@ class ConnectionLayer:
     def _on_data(self, msg: messages.ChannelData) -> list[Event]:
         channel = self._open_channel_for(msg.recipient_channel)
         data = msg.data
-        channel.take_received(len(data))
+        channel.take_received(len(data), self.now)
         if channel.close_sent or not data:
             return []  # in flight when we closed: the application is done with this channel
         channel.recv_unconsumed += len(data)
@@ -204,7 +206,7 @@ class ConnectionLayer:
     def _on_extended_data(self, msg: messages.ChannelExtendedData) -> list[Event]:
         channel = self._open_channel_for(msg.recipient_channel)
         data = msg.data
-        channel.take_received(len(data))
+        channel.take_received(len(data), self.now)
         if channel.close_sent or not data:
             return []
         channel.recv_unconsumed += len(data)
@@ -329,7 +331,8 @@ class ConnectionLayer:
         return channel
 
     def _free(self, local_id: int) -> None:
-        del self._channels[local_id]
+        channel = self._channels.pop(local_id)
+        self.window_growth -= channel.recv_granted - channel.recv_initial
         heapq.heappush(self._free_ids, local_id)
 
     def _channel(self, local_id: int) -> Channel:
@@ -389,7 +392,7 @@ class ConnectionLayer:
     ) -> None:
         _check_window_args(window, max_packet)
         channel = self._offered(local_id)
-        channel.recv_granted = channel.recv_window = window
+        channel.recv_granted = channel.recv_window = channel.recv_initial = window
         channel.local_max_packet = max_packet
         channel.state = OpenState.OPEN
         self._send(
@@ -465,6 +468,9 @@ class ConnectionLayer:
             return
         increment = channel.consume(nbytes)
         if increment:
+            extra = channel.grow_window(increment, self.now, limits.MAX_CONNECTION_WINDOW_GROWTH - self.window_growth)
+            self.window_growth += extra
+            increment += extra
             self._send(messages.ChannelWindowAdjust(channel.remote_id, increment).encode())
 
     # --- half-close and close ---

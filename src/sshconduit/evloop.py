@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from . import memtune
+
 T = TypeVar("T")
 
 
@@ -26,5 +28,6 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` on the preferred loop."""
+    memtune.tune_malloc()  # the command-line tools only: a library user's process keeps its own settings
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)

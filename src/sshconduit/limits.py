@@ -18,10 +18,22 @@ MAX_AUTH_ATTEMPTS = 6  # sshd's MaxAuthTries default
 LOGIN_GRACE_TIME = 120.0  # seconds before auth must succeed
 
 MAX_CHANNELS = 20000  # channels a peer may have open on one connection
-MAX_SERVER_CHANNELS = 1024  # conduitd: each forwarded channel holds a socket; keep fds for other users
+# conduitd: channels one connection may hold. Each forwarded channel holds a socket; conduitd raises its
+# RLIMIT_NOFILE to the hard limit at start (rlimits.py), and a connection past the fds left gets open failures
+# ("resource shortage"), not a crash. 16,384 lets one client forward 10,000 connections, as OpenSSH (no cap) does.
+MAX_SERVER_CHANNELS = 16384
+FORWARD_LISTEN_BACKLOG = 4096  # -L listeners: a burst of connects waits in the queue, not in SYN retries
 DEFAULT_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_TCP_WINDOW_DEFAULT
 DEFAULT_MAX_PACKET = 32 * 1024  # OpenSSH's CHAN_TCP_PACKET_DEFAULT
 MAX_WINDOW = (1 << 32) - 1
+# Receive-window auto-tuning (HPN-SSH's lesson: a fixed 2 MiB window caps a stream at window/RTT, ~40 MB/s at
+# 50 ms). A channel whose peer keeps exhausting the window while we consume promptly doubles it, up to this;
+# the growth of all channels on one connection together stays under the second cap, bounding memory.
+MAX_AUTO_WINDOW = 16 * 1024 * 1024
+MAX_CONNECTION_WINDOW_GROWTH = 128 * 1024 * 1024
+# A forwarded socket is read before its channel is confirmed (no pause/resume per connection); past this much
+# buffered, reading pauses until the channel opens.
+MAX_EARLY_SOCKET_BYTES = 256 * 1024
 
 # Keys and ssh-agent, as OpenSSH's SSH_RSA_MINIMUM_MODULUS_SIZE, SSHBUF_MAX_BIGNUM, AGENT_MAX_LEN and
 # MAX_AGENT_IDENTITIES
@@ -31,4 +43,5 @@ MAX_AGENT_MESSAGE = 256 * 1024
 MAX_AGENT_IDENTITIES = 2048
 AGENT_TIMEOUT = 30.0  # seconds for one agent request (it may prompt the user for confirmation)
 
+MAX_EARLY_CONNECTION_MESSAGES = 64  # client: channel/global messages held while auth success is processed
 MAX_REMOTE_LISTENERS = 256  # tcpip-forward / streamlocal-forward listeners one connection may hold open

@@ -10,7 +10,7 @@ import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import audit, connection, keepalive, limits
+from . import audit, connection, keepalive, limits, privsep
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
 from .errors import ChannelOpenError
@@ -44,6 +44,19 @@ class ServerConnectionHandler:
         self.options = options
         self.policy = policy
         self.remote_forwards: remote.RemoteForwards | None = None  # made on the first -R request
+        self.helper: privsep.ForwardHelper | None = None  # root serving another user: makes that user's sockets
+
+    def _helper(self, conn: SSHConnection) -> privsep.ForwardHelper | None:
+        """The user's privsep helper when the server is root and the user is not (started on first use)."""
+        if self.helper is None:
+            creds = privsep.credentials_for(conn.user or "")
+            if creds is None:
+                return None
+            self.helper = privsep.ForwardHelper(creds)
+            # after this turn of the loop: the connection's listeners close first and may still need it
+            helper = self.helper
+            conn.cleanup_callbacks.append(lambda: asyncio.get_running_loop().call_soon(helper.close))
+        return self.helper
 
     async def open_channel(self, conn: SSHConnection, event: connection.ChannelOpenRequest) -> ChannelHandler:
         kind = event.channel_type
@@ -59,7 +72,7 @@ class ServerConnectionHandler:
                 audit.refused(conn.user, conn.peername[0], kind, destination, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
             log.debug("%s: originator %s port %d", label, req.originator_host, req.originator_port)
-            opening = direct.connect_tcp(req.host, req.port, label)
+            opening = direct.connect_tcp(req.host, req.port, label, self._helper(conn))
             bridge = await _open_audited(conn, kind, destination, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, destination)
         if kind == "direct-streamlocal@openssh.com":
@@ -70,7 +83,7 @@ class ServerConnectionHandler:
                 log.info("refused streamlocal forward to %s for %s (%s)", path, conn.user, denial)
                 audit.refused(conn.user, conn.peername[0], kind, path, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
-            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}")
+            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}", self._helper(conn))
             bridge = await _open_audited(conn, kind, path, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, path)
         raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")
@@ -98,12 +111,21 @@ class ServerConnectionHandler:
         allow_pty = self.options.permit_tty and self.policy.permit_tty
         allow_pty = allow_pty and (key_options is None or key_options.allows_pty())
         command = key_options.command if key_options is not None else None
-        return ServerSession(entry.pw_shell or "/bin/sh", env, allow_pty=allow_pty, forced_command=command)
+        return ServerSession(
+            entry.pw_shell or "/bin/sh",
+            env,
+            allow_pty=allow_pty,
+            forced_command=command,
+            # a root server drops to the user in the child; a privsep connection process asks the user's helper
+            credentials=None if privsep.helper_source is not None else privsep.credentials_for(user),
+            spawner=helper.spawn if privsep.helper_source is not None and (helper := self._helper(conn)) else None,
+        )
 
     async def global_request(self, conn: SSHConnection, event: connection.GlobalRequestReceived) -> bytes | None:
         if event.name in remote.GLOBAL_REQUESTS:
             if self.remote_forwards is None:
                 self.remote_forwards = remote.RemoteForwards(conn, self.policy)
+                self.remote_forwards.helper = self._helper(conn)
             return await self.remote_forwards.handle(event)
         if event.name == "keepalive@openssh.com":
             return None  # OpenSSH answers failure: the reply itself is the keepalive

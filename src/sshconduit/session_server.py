@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import fnmatch
 import functools
+import grp
 import logging
 import os
 import pwd
@@ -26,6 +27,7 @@ from .aio import ChannelHandler
 from .connection import ChannelClosedError
 from .errors import ProtocolError
 from .messages import EnvReq, ExecReq, ExitSignal, ExitStatus, PtyReq, SignalReq, WindowChange
+from .privsep import Credentials, Spawner, drop_privileges
 from .ttymodes import apply_terminal_modes, winsize
 
 log = logging.getLogger("sshconduit.session")
@@ -170,8 +172,12 @@ class ServerSession(ChannelHandler):
         allow_pty: bool = True,
         forced_command: str | None = None,
         on_exit: Callable[[int | None], None] | None = None,
+        credentials: Credentials | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
         self.user_shell = user_shell or _default_shell()
+        self.credentials = credentials  # a root server's user: the process runs with these ids
+        self.spawner = spawner  # privsep child: the user's helper starts the process (we are not root)
         self.env = dict(env or {})
         self.env.setdefault("PATH", DEFAULT_PATH)
         self.allow_pty = allow_pty
@@ -319,6 +325,9 @@ class ServerSession(ChannelHandler):
                 parent_fds.append(master)
                 child_fds.append(slave)
                 self._setup_pty(slave)
+                if self.credentials is not None:  # as sshd's pty_setowner(): the user's terminal, group-writable
+                    os.fchown(slave, self.credentials.uid, _tty_gid(self.credentials.gid))
+                    os.fchmod(slave, 0o620)
                 env["TERM"] = self.pty.term or "vt100"
                 env["SSH_TTY"] = os.ttyname(slave)
                 stdio = (slave, slave, slave)
@@ -329,17 +338,22 @@ class ServerSession(ChannelHandler):
                 child_fds += stdio
                 parent_fds += (pipes[0][1], pipes[1][0], pipes[2][0])
                 preexec = None
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                executable=self.user_shell,
-                stdin=stdio[0],
-                stdout=stdio[1],
-                stderr=stdio[2],
-                env=env,
-                cwd=cwd,
-                start_new_session=preexec is None,  # else the preexec makes the session itself
-                preexec_fn=preexec,
-            )
+            if self.credentials is not None:
+                preexec = _then_drop(preexec, self.credentials)
+            if self.spawner is not None:
+                process = await self.spawner(argv, self.user_shell, stdio, env, cwd, self.pty is not None)
+            else:
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    executable=self.user_shell,
+                    stdin=stdio[0],
+                    stdout=stdio[1],
+                    stderr=stdio[2],
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=self.pty is None,  # else the preexec makes the session itself
+                    preexec_fn=preexec,
+                )
         except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: the pty preexec failed
             for fd in child_fds + parent_fds:
                 os.close(fd)
@@ -494,19 +508,23 @@ class ServerSession(ChannelHandler):
         process = self.process
         if process is None or process.returncode is not None:
             return
-        _signal_group(process.pid, signal.SIGHUP)
+        _signal_group(process, signal.SIGHUP)
         asyncio.get_running_loop().call_later(KILL_GRACE, self._kill_hard)
 
     def _kill_hard(self) -> None:
         process = self.process
         if process is not None and process.returncode is None:
-            _signal_group(process.pid, signal.SIGKILL)
+            _signal_group(process, signal.SIGKILL)
 
 
-def _signal_group(pid: int, signum: int) -> None:
+def _signal_group(process: asyncio.subprocess.Process, signum: int) -> None:
     # the child leads its own session and process group (start_new_session, or setsid in the pty preexec)
+    signal_group = getattr(process, "signal_group", None)  # a privsep helper's process: it signals as the user
+    if signal_group is not None:
+        signal_group(signum)
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)
+        os.killpg(process.pid, signum)
 
 
 def _take_controlling_tty(slave: int) -> None:
@@ -516,6 +534,24 @@ def _take_controlling_tty(slave: int) -> None:
     """
     os.setsid()
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+
+def _tty_gid(default: int) -> int:
+    try:
+        return grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return default
+
+
+def _then_drop(first: Callable[[], None] | None, creds: Credentials) -> Callable[[], None]:
+    """In the child: ``first`` (the pty's setsid) with root's rights, then become the user."""
+
+    def run() -> None:
+        if first is not None:
+            first()
+        drop_privileges(creds)
+
+    return run
 
 
 def _keeps_argv0(loop: asyncio.AbstractEventLoop) -> bool:

@@ -61,17 +61,6 @@ class TransportConfig:
         self.host_key_algorithms = tuple(a for a in self.host_key_algorithms if a in SIGNATURE_ALGORITHMS)
 
 
-SIGNATURE_ALGORITHMS = frozenset(
-    (
-        "ssh-ed25519",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "rsa-sha2-512",
-        "rsa-sha2-256",
-        "ssh-rsa",
-    )
-)
 DEFAULT_HOST_KEY_ALGORITHMS = (
     "ssh-ed25519",
     "ecdsa-sha2-nistp256",
@@ -80,6 +69,8 @@ DEFAULT_HOST_KEY_ALGORITHMS = (
     "rsa-sha2-512",
     "rsa-sha2-256",
 )
+# Everything we can verify: the defaults plus SHA-1 RSA, which is offered only when configured.
+SIGNATURE_ALGORITHMS = frozenset((*DEFAULT_HOST_KEY_ALGORITHMS, "ssh-rsa"))
 
 
 @dataclass(frozen=True)

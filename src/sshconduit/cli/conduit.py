@@ -17,6 +17,7 @@ from ..config.forward_spec import ForwardSpec, parse_forward
 from ..config.ssh_config import ClientConfig, resolve_client_config
 from ..errors import ConfigError, SSHError
 from ..forward.local import ForwardError, LocalForward
+from ..rlimits import raise_nofile
 from ..transport import TransportConfig
 from .logs import setup_logging, verbosity_level
 
@@ -248,6 +249,7 @@ def _report_close(client: SSHClient) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    raise_nofile()  # one socket per forwarded connection: 10,000 of them need more than 1024
     try:
         inv = parse_args(argv)
     except UsageError as exc:

@@ -15,6 +15,7 @@ from .. import audit, evloop, server_config
 from ..config.sshd_config import ServerConfig, default_server_config, load_server_config
 from ..crypto import keys
 from ..errors import ConfigError, SSHError
+from ..rlimits import raise_nofile
 from ..server import ServerOptions, listen
 from .logs import setup_logging
 
@@ -86,10 +87,22 @@ def usage_error(message: str) -> int:
 
 
 async def serve(
-    options: ServerOptions, cfg: ServerConfig, reload: Callable[[], server_config.Serving | None] | None = None
+    options: ServerOptions,
+    cfg: ServerConfig,
+    reload: Callable[[], server_config.Serving | None] | None = None,
+    privsep_params: dict[str, object] | None = None,
 ) -> None:
     daemon = server_config.Daemon(server_config.Serving(cfg, options))
-    servers = await listen(options, daemon.make_connection)
+    servers: list = []
+    if privsep_params is not None:  # UsePrivilegeSeparation: a process per connection (privsep_child.py)
+        from ..privsep_child import PrivsepListener
+
+        startups = (daemon.gate, lambda: daemon.serving.cfg.max_startups)
+        listener = PrivsepListener(options, privsep_params, lambda: daemon.serving.options, startups)
+        await listener.start()
+        servers.append(listener)
+    else:
+        servers = await listen(options, daemon.make_connection)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,6 +136,7 @@ def _reload(daemon: server_config.Daemon, reload: Callable[[], server_config.Ser
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    raise_nofile()  # one socket per forwarded connection: 10,000 of them need more than 1024
     try:
         opts, rest = getopt.getopt(argv, SSHD_OPTIONS)
     except getopt.GetoptError as exc:
@@ -218,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if not foreground:
         _daemonize()
     try:
-        evloop.run(serve(options, cfg, reload))
+        privsep_params = None
+        if cfg.use_privilege_separation and os.geteuid() == 0 and not embedded:
+            privsep_params = {"config": config_file, "options": cli_options, "level": level, "logfile": logfile}
+        evloop.run(serve(options, cfg, reload, privsep_params))
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 255

@@ -82,6 +82,8 @@ class StreamBridge(ChannelHandler):
         self._channel_ready = False
         self._pending: memoryview | None = None  # socket bytes the peer's window has not taken yet
         self._early: list[bytes] = []  # socket bytes read before the channel was confirmed
+        self._early_bytes = 0
+        self._reading_paused = False
         self._socket_eof = False
         self._channel_eof = False
         self._eof_sent = False
@@ -102,16 +104,17 @@ class StreamBridge(ChannelHandler):
         # Pause only at half our window, not asyncio's 64 KiB: a pause holds back WINDOW_ADJUST, and a
         # sender that runs out of window waits a round trip. The window still bounds what we buffer.
         sock.set_write_buffer_limits(high=self.window // 2)
-        if not self._channel_ready:
-            sock.pause_reading()
+        # No pause until the channel opens: a pause and resume per connection cost two epoll changes on its
+        # critical path. What arrives early is buffered, bounded by MAX_EARLY_SOCKET_BYTES.
         if self.on_socket_made is not None:
             self.on_socket_made(self, sock)
 
     def socket_data(self, data: bytes) -> None:
         if not self._channel_ready or self._pending is not None:
             self._early.append(data)
-            if self.sock is not None:
-                self.sock.pause_reading()
+            self._early_bytes += len(data)
+            if self._pending is not None or self._early_bytes > limits.MAX_EARLY_SOCKET_BYTES:
+                self._pause_reading()
             return
         self._send(memoryview(data))
 
@@ -121,8 +124,7 @@ class StreamBridge(ChannelHandler):
         self.counters.bytes_out += sent
         if sent < len(view):
             self._pending = view[sent:]
-            if self.sock is not None:
-                self.sock.pause_reading()
+            self._pause_reading()
 
     def socket_eof(self) -> bool:
         self._socket_eof = True
@@ -164,6 +166,7 @@ class StreamBridge(ChannelHandler):
                 if not self._early:
                     break
                 self._pending = memoryview(self._early.pop(0))
+                self._early_bytes -= len(self._pending)
             view, self._pending = self._pending, None
             self._send(view)
             if self._pending is not None:
@@ -171,8 +174,14 @@ class StreamBridge(ChannelHandler):
         self._resume_reading()
         self._maybe_send_eof()
 
+    def _pause_reading(self) -> None:
+        if self.sock is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.sock.pause_reading()
+
     def _resume_reading(self) -> None:
-        if self.sock is not None and self._pending is None and not self._socket_eof:
+        if self.sock is not None and self._reading_paused and self._pending is None and not self._socket_eof:
+            self._reading_paused = False
             self.sock.resume_reading()
 
     def data_received(self, data: bytes, data_type: int | None) -> None:

@@ -7,10 +7,14 @@ import errno
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from .. import messages
 from ..errors import ChannelOpenError, ProtocolError
 from .bridge import StreamBridge
+
+if TYPE_CHECKING:
+    from ..privsep import ForwardHelper
 
 log = logging.getLogger("sshconduit.forward")
 
@@ -25,23 +29,30 @@ def _reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else exc.strerror or os.strerror(errno.EIO)
 
 
-async def connect_tcp(host: str, port: int, label: str) -> StreamBridge:
-    """Connect to host:port (name resolution off the event loop) and return the bridge for the channel."""
+async def connect_tcp(host: str, port: int, label: str, helper: ForwardHelper | None = None) -> StreamBridge:
+    """Connect to host:port (name resolution off the event loop) and return the bridge for the channel.
+    With a privsep ``helper`` the socket is made and connected by the user's helper process."""
     bridge = StreamBridge(label)
     loop = asyncio.get_running_loop()
     try:
-        await loop.create_connection(lambda: bridge.protocol, host, port)
+        if helper is not None:
+            await loop.create_connection(lambda: bridge.protocol, sock=await helper.connect_tcp(host, port))
+        else:
+            await loop.create_connection(lambda: bridge.protocol, host, port)
     except OSError as exc:
         log.info("%s: connect to %s port %d failed: %s", label, host, port, _reason(exc))
         raise ChannelOpenError(OPEN_CONNECT_FAILED, _reason(exc)) from None
     return bridge
 
 
-async def connect_unix(path: str, label: str) -> StreamBridge:
+async def connect_unix(path: str, label: str, helper: ForwardHelper | None = None) -> StreamBridge:
     bridge = StreamBridge(label)
     loop = asyncio.get_running_loop()
     try:
-        await loop.create_unix_connection(lambda: bridge.protocol, path)
+        if helper is not None:
+            await loop.create_unix_connection(lambda: bridge.protocol, sock=await helper.connect_unix(path))
+        else:
+            await loop.create_unix_connection(lambda: bridge.protocol, path)
     except OSError as exc:
         log.info("%s: connect to %s failed: %s", label, path, _reason(exc))
         raise ChannelOpenError(OPEN_CONNECT_FAILED, _reason(exc)) from None

@@ -9,7 +9,7 @@ import logging
 import os
 from types import TracebackType
 
-from .. import messages
+from .. import limits, messages
 from ..aio import SSHConnection
 from ..config.forward_spec import ForwardSpec
 from ..errors import ChannelOpenError, SSHError
@@ -78,7 +78,11 @@ class LocalForward:
         for host in listen_hosts(spec.listen_host, self.gateway_ports):
             try:
                 server = await loop.create_server(
-                    self._new_bridge, host, port if self.port is None else self.port, reuse_address=True
+                    self._new_bridge,
+                    host,
+                    port if self.port is None else self.port,
+                    reuse_address=True,
+                    backlog=limits.FORWARD_LISTEN_BACKLOG,
                 )
             except OSError as exc:
                 if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):

@@ -17,6 +17,7 @@ import pwd
 import socket
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import audit, limits, messages
 from ..aio import SSHConnection
@@ -25,6 +26,9 @@ from ..errors import ChannelOpenError, ProtocolError, SSHError
 from ..policy import ServerPolicy
 from ..wire import pack_u32
 from .bridge import ForwardCounters, StreamBridge
+
+if TYPE_CHECKING:
+    from ..privsep import ForwardHelper
 
 log = logging.getLogger("sshconduit.forward")
 
@@ -75,11 +79,15 @@ class RemoteListener:
     path: str | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
     counters: ForwardCounters = field(default_factory=ForwardCounters)
+    helper: ForwardHelper | None = None  # privsep: the socket file is the user's, removed by the user's helper
 
     def close(self) -> None:
         for server in self.servers:
             server.close()
         self.servers.clear()
+        if self.path is not None and self.helper is not None:
+            self.helper.unlink_socket(self.path)
+            self.path = None
         if self.path is not None:
             # as OpenSSH, a socket left behind would need StreamLocalBindUnlink; we remove ours when it is ours
             with contextlib.suppress(OSError):
@@ -97,6 +105,7 @@ class RemoteForwards:
         self.listeners: list[RemoteListener] = []
         self._closed = False
         self._binding = 0  # requests between the cap check and the bind: handlers of requests run concurrently
+        self.helper: ForwardHelper | None = None  # privsep: a root server binds the user's listeners as the user
         conn.cleanup_callbacks.append(self.close_all)
 
     async def handle(self, event: GlobalRequestReceived) -> bytes | None:
@@ -186,7 +195,11 @@ class RemoteForwards:
             for family, kind, proto, _, sockaddr in infos:
                 port = listener.bound_port or listener.port
                 try:
-                    sock = _listening_socket(family, kind, proto, (sockaddr[0], port, *sockaddr[2:]))
+                    address = (sockaddr[0], port, *sockaddr[2:])
+                    if self.helper is not None:
+                        sock = await self.helper.listen_tcp(family, kind, proto, address)
+                    else:
+                        sock = _listening_socket(family, kind, proto, address)
                     server = await loop.create_server(
                         lambda: self._new_tcp_bridge(listener), sock=sock, backlog=LISTEN_BACKLOG
                     )
@@ -242,9 +255,11 @@ class RemoteForwards:
         loop = asyncio.get_running_loop()
         self._binding += 1
         try:
-            sock = _unix_listening_socket(
-                path, self.policy.stream_local_bind_mask, self.policy.stream_local_bind_unlink
-            )
+            mask, unlink_first = self.policy.stream_local_bind_mask, self.policy.stream_local_bind_unlink
+            if self.helper is not None:
+                sock = await self.helper.listen_unix(path, mask, unlink_first)
+            else:
+                sock = _unix_listening_socket(path, mask, unlink_first)
             server = await loop.create_unix_server(
                 lambda: self._new_unix_bridge(path, listener), sock=sock, backlog=LISTEN_BACKLOG
             )
@@ -255,6 +270,7 @@ class RemoteForwards:
         finally:
             self._binding -= 1
         listener.path = path
+        listener.helper = self.helper
         listener.servers.append(server)
         if self._closed:
             listener.close()

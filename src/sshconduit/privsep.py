@@ -1,0 +1,429 @@
+"""Privilege separation for a root conduitd: what an authenticated user does runs with that user's ids.
+
+Sessions are spawned with the user's uid, gid and groups (``drop_privileges`` as the preexec). Outbound sockets
+for the user's forwards are made by a helper process running as the user (one per connection, started on the
+first forward): it creates and connects (or binds) the socket and passes the descriptor back over a
+SOCK_SEQPACKET socketpair with SCM_RIGHTS, so the kernel checks the user's rights (unix socket modes, ports
+below 1024) and the socket is owned by the user's uid. The event loop never blocks: the helper does the
+blocking connect in a thread of its own, and the server awaits the reply on a non-blocking socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import termios
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from . import limits
+
+log = logging.getLogger("sshconduit.privsep")
+
+HELPER_EXIT_GRACE = 5.0  # seconds a helper has to exit after its connection closed
+MAX_MESSAGE = 196608  # one request or reply on the helper socket (a spawn carries a command and its environment)
+MAX_FD = 1 << 20  # above any descriptor the server can hold
+
+
+# privsep child: how to start the user's helper (the monitor forks it); None in a server that is root itself
+helper_source: Callable[[], socket.socket] | None = None
+
+# privsep child: has the monitor give a session's pty slave to the user (we may not chown it ourselves)
+pty_owner: Callable[[int], None] | None = None
+
+Spawner = Callable[[list[str], str, tuple[int, int, int], dict[str, str], str, bool], Awaitable["HelperProcess"]]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Whom to become: the user's uid, primary gid and supplementary groups, looked up before any fork."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+def credentials_for(user: str) -> Credentials | None:
+    """The ids to switch to for ``user``, or None when there is nothing to switch (not root, or the user is root)."""
+    if helper_source is None and os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam(user)
+    if entry.pw_uid == 0 and helper_source is None:
+        return None
+    groups = tuple(os.getgrouplist(user, entry.pw_gid))
+    return Credentials(user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def drop_privileges(creds: Credentials) -> None:
+    """In a child before exec: become the user for good (groups first, uid last: after it nothing else may change)."""
+    os.setgroups(list(creds.groups))
+    os.setgid(creds.gid)
+    os.setuid(creds.uid)
+    if os.getuid() != creds.uid or os.geteuid() != creds.uid:
+        raise OSError(errno.EPERM, "setuid failed")
+
+
+# --- the server's side ---
+
+
+class ForwardHelper:
+    """The per-connection helper running as the user; ``connect_tcp``/``connect_unix``/``listen_*`` return sockets."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+        self._sock: socket.socket | None = None
+        self._pid = 0
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._processes: dict[int, HelperProcess] = {}
+        self._next_id = 0
+        self._closed = False
+
+    def _start(self) -> None:
+        if helper_source is not None:
+            ours, pid = helper_source(), 0  # the monitor forked it: its child, not ours
+        else:
+            ours, pid = fork_helper(self.creds)
+        ours.setblocking(False)
+        self._sock = ours
+        self._pid = pid
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+
+    async def _request(self, request: dict[str, Any], fds: Sequence[int] = ()) -> Any:
+        if self._closed:
+            raise OSError(errno.ECONNABORTED, "connection closed")
+        if self._sock is None:
+            self._start()
+        assert self._sock is not None
+        if len(self._pending) >= limits.MAX_SERVER_CHANNELS:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        self._next_id += 1
+        request["id"] = self._next_id
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[self._next_id] = fut
+        try:
+            socket.send_fds(self._sock, [json.dumps(request).encode()], fds)  # one datagram: never blocks long
+            return await fut
+        finally:
+            self._pending.pop(request["id"], None)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.close()
+            return
+        sock = socket.socket(fileno=fds[0]) if fds else None
+        try:
+            reply = json.loads(data)
+            if "exited" in reply:
+                process = self._processes.pop(int(reply["exited"]), None)
+                if process is not None:
+                    process.exited(int(reply["returncode"]))
+                return
+            fut = self._pending.get(int(reply["id"]))
+        except (ValueError, KeyError, TypeError):
+            fut = None
+        if fut is None or fut.done():
+            if sock is not None:
+                sock.close()
+            return
+        if sock is not None:
+            sock.setblocking(False)
+            fut.set_result(sock)
+        elif reply.get("pid"):
+            process = HelperProcess(self, int(reply["pid"]))
+            self._processes[process.pid] = process
+            fut.set_result(process)
+        else:
+            code = int(reply.get("errno") or errno.EIO)
+            name_error = str(reply.get("name_error") or "")
+            fut.set_exception(socket.gaierror(code, name_error) if name_error else OSError(code, os.strerror(code)))
+
+    async def connect_tcp(self, host: str, port: int) -> socket.socket:
+        return await self._request({"op": "connect_tcp", "host": host, "port": port})
+
+    async def connect_unix(self, path: str) -> socket.socket:
+        return await self._request({"op": "connect_unix", "path": path})
+
+    async def listen_tcp(self, family: int, kind: int, proto: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+        return await self._request(
+            {"op": "listen_tcp", "family": family, "kind": kind, "proto": proto, "sockaddr": list(sockaddr)}
+        )
+
+    async def listen_unix(self, path: str, mask: int, unlink_first: bool) -> socket.socket:
+        return await self._request({"op": "listen_unix", "path": path, "mask": mask, "unlink": unlink_first})
+
+    async def spawn(
+        self, argv: list[str], executable: str, stdio: tuple[int, int, int], env: dict[str, str], cwd: str, pty: bool
+    ) -> HelperProcess:
+        """Start a session's process as the user; stdio (pipe ends or the pty slave) go to the helper with it."""
+        if pty and pty_owner is not None:
+            pty_owner(stdio[0])
+        request = {"op": "spawn", "argv": argv, "executable": executable, "env": env, "cwd": cwd, "pty": pty}
+        process: HelperProcess = await self._request(request, stdio)
+        return process
+
+    def signal(self, pid: int, signum: int, group: bool) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(json.dumps({"op": "signal", "pid": pid, "signum": signum, "group": group}).encode())
+
+    def unlink_socket(self, path: str) -> None:
+        """Remove a unix socket the helper bound (only if it still is a socket), as the user; no reply."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(json.dumps({"op": "unlink_socket", "path": path}).encode())
+
+    def close(self) -> None:
+        """The connection is gone: the helper sees EOF and exits; requests still waiting fail."""
+        self._closed = True
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(OSError(errno.ECONNABORTED, "connection closed"))
+        self._pending.clear()
+        for process in self._processes.values():
+            process.exited(-signal.SIGHUP)  # the helper's exit hangs up the sessions it started
+        self._processes.clear()
+        if self._pid:
+            reap_later(self._pid)
+            self._pid = 0
+
+
+class HelperProcess:
+    """A session's process started by the helper: what ServerSession needs of an asyncio Process."""
+
+    def __init__(self, helper: ForwardHelper, pid: int) -> None:
+        self.helper = helper
+        self.pid = pid
+        self.returncode: int | None = None
+        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def exited(self, returncode: int) -> None:
+        if not self._done.done():
+            self.returncode = returncode
+            self._done.set_result(returncode)
+
+    async def wait(self) -> int:
+        return await self._done
+
+    def send_signal(self, signum: int) -> None:
+        self.helper.signal(self.pid, signum, group=False)
+
+    def signal_group(self, signum: int) -> None:
+        self.helper.signal(self.pid, signum, group=True)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def fork_helper(creds: Credentials) -> tuple[socket.socket, int]:
+    """Fork the helper for ``creds``: our end of its socket, and its pid (to reap)."""
+    # fork without exec: the server's interpreter may live where the user cannot read it (a pyenv under
+    # /root). The child touches no event loop; after setuid the kernel makes it non-dumpable, so the user
+    # cannot ptrace it or read its memory.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        _helper_child(theirs, creds)  # never returns
+    theirs.close()
+    return ours, pid
+
+
+def reap_later(pid: int) -> None:
+    """Collect the helper's exit status once it has seen EOF, without blocking the loop (a pidfd says when)."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+
+    def exited() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    loop.add_reader(pidfd, exited)
+
+
+# --- the helper process (runs as the user) ---
+
+
+def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[str, Any]) -> None:
+    made: socket.socket | None = None
+    code = 0
+    name_error = ""
+    try:
+        op = request.get("op")
+        if op == "connect_tcp":
+            made = socket.create_connection((str(request["host"]), int(request["port"])))
+        elif op == "connect_unix":
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                unix.connect(str(request["path"]))
+            except OSError:
+                unix.close()
+                raise
+            made = unix
+        elif op == "listen_tcp":
+            from .forward.remote import _listening_socket
+
+            family, kind, proto = int(request["family"]), int(request["kind"]), int(request["proto"])
+            made = _listening_socket(family, kind, proto, tuple(request["sockaddr"]))
+        elif op == "listen_unix":
+            from .forward.remote import _unix_listening_socket
+
+            made = _unix_listening_socket(str(request["path"]), int(request["mask"]), bool(request["unlink"]))
+        else:
+            code = errno.EINVAL
+    except socket.gaierror as exc:
+        code, name_error = errno.EHOSTUNREACH, exc.strerror or "Name or service not known"
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+    except (KeyError, ValueError, TypeError):
+        code = errno.EINVAL
+    except Exception:  # a reply must go back whatever happened, or the channel open would wait forever
+        code = errno.EIO
+    reply = json.dumps({"id": request.get("id"), "errno": code, "name_error": name_error}).encode()
+    try:
+        with send_lock:
+            if made is not None:
+                socket.send_fds(channel, [reply], [made.fileno()])
+            else:
+                channel.send(reply)
+    except OSError:
+        pass  # the server went away: nothing to tell
+    finally:
+        if made is not None:
+            made.close()
+
+
+def _helper_child(channel: socket.socket, creds: Credentials) -> NoReturn:
+    """In the forked helper: shed the server's descriptors and signal handling, become the user, serve."""
+    try:  # nothing may escape into the copy of the server's stack
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        keep = channel.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, MAX_FD)
+        os.chdir("/")
+        "localhost".encode("idna")  # getaddrinfo's codec loads lazily: from a tree the user may not read
+        drop_privileges(creds)
+        _serve(channel)
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+def _spawn(
+    channel: socket.socket, send_lock: threading.Lock, request: dict[str, Any], fds: list[int], children: dict
+) -> None:
+    """Start a session's process (its own session; with a pty, that terminal controls it), report its exit."""
+    code, pid = 0, 0
+    try:
+        pty = bool(request["pty"])
+        process = subprocess.Popen(
+            [str(arg) for arg in request["argv"]],
+            executable=str(request["executable"]),
+            stdin=fds[0],
+            stdout=fds[1],
+            stderr=fds[2],
+            env={str(k): str(v) for k, v in dict(request["env"]).items()},
+            cwd=str(request["cwd"]),
+            start_new_session=not pty,
+            preexec_fn=_take_terminal if pty else None,
+        )
+        pid = process.pid
+        children[pid] = process
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+    except (subprocess.SubprocessError, KeyError, ValueError, TypeError, IndexError):
+        code = errno.EINVAL
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _reply(channel, send_lock, {"id": request.get("id"), "errno": code, "pid": pid})
+    if pid:
+        returncode = process.wait()
+        children.pop(pid, None)
+        _reply(channel, send_lock, {"exited": pid, "returncode": returncode})
+
+
+def _take_terminal() -> None:
+    # stdlib Popen runs this after stdio is in place: fd 0 is the pty slave
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _reply(channel: socket.socket, send_lock: threading.Lock, reply: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError), send_lock:
+        channel.send(json.dumps(reply).encode())
+
+
+def _serve(channel: socket.socket) -> None:
+    """Serve requests until the server closes its end; then hang up the sessions still running."""
+    send_lock = threading.Lock()
+    children: dict[int, subprocess.Popen] = {}
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 3)
+        except OSError:
+            break
+        if not data:
+            break
+        try:
+            request = json.loads(data)
+        except ValueError:
+            request = None
+        op = request.get("op") if isinstance(request, dict) else None
+        if op == "spawn" and len(fds) == 3:
+            threading.Thread(target=_spawn, args=(channel, send_lock, request, fds, children), daemon=True).start()
+            continue
+        for fd in fds:
+            os.close(fd)
+        if not isinstance(request, dict):
+            continue
+        if op == "unlink_socket":  # here, not in a thread: it must happen before EOF ends us
+            with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+                if stat.S_ISSOCK(os.lstat(str(request["path"])).st_mode):
+                    os.unlink(str(request["path"]))
+        elif op == "signal":
+            with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+                pid, signum = int(request["pid"]), int(request["signum"])
+                if pid in children:  # only processes it started itself
+                    (os.killpg if request.get("group") else os.kill)(pid, signum)
+        else:
+            threading.Thread(target=_serve_one, args=(channel, send_lock, request), daemon=True).start()
+    for pid in list(children):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGHUP)
+    # returning ends the process: connects still in progress are abandoned with the connection

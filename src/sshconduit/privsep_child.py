@@ -1,0 +1,424 @@
+"""``UsePrivilegeSeparation yes``: a root conduitd runs each connection in a process of its own that holds no
+privileges while the client is unauthenticated.
+
+The root listener accepts, then starts a fresh interpreter for the connection (no fork of a running event loop)
+with the socket and one end of a socketpair to its monitor. The child loads the configuration, asks the monitor
+for the host keys' public halves, drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
+monitor, in the root process, answers a small fixed vocabulary: host_keys, sign (the child never holds a private
+key; the first hash signed is the session id), check_publickey (a query), check_signed (the monitor verifies the
+signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once one
+of the last two succeeded, start_helper: the monitor forks the user's helper (privsep.py) and passes its socket to
+the child, which from then on opens the user's sockets and starts the user's sessions through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import dataclasses
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import privsep
+from .auth import publickey_signed_data
+from .config.authorized_keys import KeyOptions
+from .crypto import keys
+from .errors import KeyError_
+from .policy import ServerPolicy
+from .server import ServerOptions
+from .server_config import StartupGate
+
+log = logging.getLogger("sshconduit.privsep")
+
+MAX_MONITOR_MESSAGE = 65536  # one request on the monitor socket: a key blob and a signature, or a password
+LISTEN_BACKLOG = 128
+EXCHANGE_HASH_SIZES = (20, 32, 48, 64)  # SHA-1, SHA-256, SHA-384, SHA-512 exchange hashes
+UNPRIVILEGED_USERS = ("sshd", "nobody")
+CHILD_START = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from sshconduit.privsep_child import child_main; "
+    "child_main(sys.argv[2:])"
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any) -> bytes:
+    return base64.b64decode(str(text))
+
+
+# --- the root side: listener and monitors ---
+
+
+class PrivsepListener:
+    """Accepts on every listen address; each connection gets a child process and a monitor."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        child_params: dict[str, Any],
+        current: Callable[[], ServerOptions] | None = None,
+        startups: tuple[StartupGate, Callable[[], tuple[int, int, int]]] | None = None,
+    ) -> None:
+        self.options = options
+        self.current = current or (lambda: options)  # after SIGHUP: new connections' monitors use the new options
+        self.startups = startups  # MaxStartups: the gate, and the current start:rate:full
+        self.child_params = json.dumps(child_params)
+        self.sockets: list[socket.socket] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.options.listen:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+                sock.listen(LISTEN_BACKLOG)
+            except OSError as exc:
+                sock.close()
+                self.close()
+                raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {exc.strerror}") from None
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+            self.sockets.append(sock)
+            log.info("Server listening on %s port %d (privilege separation).", sockaddr[0], sockaddr[1])
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, peer = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log.error("accept: %s", exc.strerror)
+            return
+        if self.startups is not None:
+            gate, limits_now = self.startups
+            if not gate.admit(limits_now()):
+                gate.dropped += 1
+                log.info("drop connection #%d from [%s]:%d past MaxStartups", gate.unauthenticated, peer[0], peer[1])
+                conn.close()
+                return
+        task = asyncio.get_running_loop().create_task(self._run_child(conn, peer))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CHILD_START,
+                package_parent,
+                str(conn.fileno()),
+                str(theirs.fileno()),
+                self.child_params,
+                pass_fds=(conn.fileno(), theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            log.error("cannot start a process for %s: %s", peer[0], exc.strerror)
+            ours.close()
+            return
+        finally:
+            conn.close()
+            theirs.close()
+        counted = self.startups is not None
+        if self.startups is not None:
+            self.startups[0].unauthenticated += 1
+
+        def uncount() -> None:  # authenticated, or gone: no longer a startup
+            nonlocal counted
+            if counted and self.startups is not None:
+                counted = False
+                self.startups[0].unauthenticated -= 1
+
+        monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
+        try:
+            await process.wait()
+        finally:
+            uncount()
+            monitor.close()
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()
+
+
+class Monitor:
+    """The root end of one connection's monitor socket: answers the child's few requests."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        options: ServerOptions,
+        client_address: str,
+        on_auth: Callable[[], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.on_auth = on_auth
+        self.policy = copy.copy(options.policy)
+        self.policy.client_address = client_address
+        self.host_keys = {key.public.blob: key for key in options.host_keys}
+        self.session_id: bytes | None = None
+        self.user: str | None = None  # authenticated: set by a verified signature or password only
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data, received, _flags, _addr = socket.recv_fds(self.sock, MAX_MONITOR_MESSAGE, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, received = b"", []
+        if not data:
+            for fd in received:
+                os.close(fd)
+            self.close()
+            return
+        fds: list[int] = []
+        try:
+            reply = self._answer(json.loads(data), fds, received)
+        except (ValueError, KeyError, TypeError, OSError, KeyError_) as exc:
+            log.info("monitor: bad request from the connection process: %s", type(exc).__name__)
+            reply = {"ok": False}
+        finally:
+            for fd in received:
+                os.close(fd)
+        try:
+            socket.send_fds(self.sock, [json.dumps(reply).encode()], fds)
+        except OSError:
+            self.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _answer(self, request: dict[str, Any], fds: list[int], received: list[int]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "host_keys":
+            return {"ok": True, "keys": [_b64(blob) for blob in self.host_keys]}
+        if op == "sign":
+            data = _unb64(request["data"])
+            if len(data) not in EXCHANGE_HASH_SIZES:  # as sshd's monitor: an exchange hash, not any message
+                return {"ok": False}
+            if self.session_id is None:
+                self.session_id = data  # the first exchange hash is the session id (RFC 4253 7.2)
+            key = self.host_keys[_unb64(request["key"])]
+            return {"ok": True, "signature": _b64(key.sign(data, str(request["alg"])))}
+        if op == "check_publickey":
+            key = keys.parse_public_blob(_unb64(request["key"]))
+            return {"ok": self.policy.check_publickey(str(request["user"]), key)}
+        if op == "check_signed":
+            user, alg, blob = str(request["user"]), str(request["alg"]), _unb64(request["key"])
+            key = keys.parse_public_blob(blob)
+            if self.session_id is None:
+                return {"ok": False}
+            signed = publickey_signed_data(self.session_id, user, alg, blob)
+            ok = key.verify(signed, _unb64(request["signature"]), alg) and self.policy.check_publickey(user, key)
+            if not ok:
+                return {"ok": False}
+            self._authenticated(user)
+            options = self.policy.key_options
+            return {"ok": True, "options": dataclasses.asdict(options) if options is not None else None}
+        if op == "check_password":
+            user = str(request["user"])
+            ok = self.policy.check_password(user, str(request["password"]))
+            if ok:
+                self._authenticated(user)
+            return {"ok": ok}
+        if op == "own_pty" and self.user is not None and len(received) == 1:
+            # as sshd's pty_setowner(): only a pty slave, to the authenticated user, group tty, 0620
+            if not os.isatty(received[0]) or not os.ttyname(received[0]).startswith("/dev/pts/"):
+                return {"ok": False}
+            entry = pwd.getpwnam(self.user)
+            try:
+                tty_gid = grp.getgrnam("tty").gr_gid
+            except KeyError:
+                tty_gid = entry.pw_gid
+            os.fchown(received[0], entry.pw_uid, tty_gid)
+            os.fchmod(received[0], 0o620)
+            return {"ok": True}
+        if op == "start_helper" and self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            groups = tuple(os.getgrouplist(self.user, entry.pw_gid))
+            creds = privsep.Credentials(self.user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+            helper_sock, pid = privsep.fork_helper(creds)
+            privsep.reap_later(pid)
+            fds.append(os.dup(helper_sock.fileno()))
+            helper_sock.close()
+            return {"ok": True}
+        return {"ok": False}
+
+    def _authenticated(self, user: str) -> None:
+        self.user = user
+        if self.on_auth is not None:
+            self.on_auth()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+# --- the child side ---
+
+
+class MonitorClient:
+    """The child's end: blocking calls (the child serves one connection, and the monitor answers at once)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def call(self, op: str, fds: Sequence[int] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        socket.send_fds(self.sock, [json.dumps({"op": op, **fields}).encode()], fds)
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MONITOR_MESSAGE, 1)
+        if not data:
+            raise ConnectionError("monitor gone")
+        return json.loads(data), fds
+
+    def own_pty(self, slave: int) -> None:
+        self.call("own_pty", fds=(slave,))
+
+    def start_helper(self) -> socket.socket:
+        reply, fds = self.call("start_helper")
+        if not reply.get("ok") or not fds:
+            raise OSError("the monitor refused to start a helper")
+        return socket.socket(fileno=fds[0])
+
+
+class MonitorKey:
+    """A host key whose private half stays in the monitor: ``sign`` asks it."""
+
+    def __init__(self, public: keys.PublicKey, monitor: MonitorClient) -> None:
+        self.public = public
+        self._monitor = monitor
+
+    def sign(self, data: bytes, algorithm: str | None = None) -> bytes:
+        alg = algorithm or self.public.signature_algorithms()[0]
+        reply, _ = self._monitor.call("sign", key=_b64(self.public.blob), data=_b64(data), alg=alg)
+        if not reply.get("ok"):
+            raise KeyError_("the monitor refused to sign")
+        return _unb64(reply["signature"])
+
+
+_monitor: MonitorClient | None = None
+
+
+class MonitoredPolicy(ServerPolicy):
+    """The child's policy: Match blocks and forwarding rules apply here; every authentication goes to the monitor."""
+
+    def check_publickey(self, user: str, key: keys.PublicKey) -> bool:
+        assert _monitor is not None
+        reply, _ = _monitor.call("check_publickey", user=user, key=_b64(key.blob))
+        return bool(reply.get("ok"))
+
+    def check_signed_publickey(
+        self, user: str, key: keys.PublicKey, signed: bytes, signature: bytes, algorithm: str
+    ) -> bool:
+        assert _monitor is not None
+        del signed  # the monitor rebuilds it from the session id it signed
+        reply, _ = _monitor.call(
+            "check_signed", user=user, key=_b64(key.blob), alg=algorithm, signature=_b64(signature)
+        )
+        if not reply.get("ok"):
+            return False
+        options = reply.get("options")
+        self.key_options = KeyOptions(**options) if options is not None else None
+        return True
+
+    def check_password(self, user: str, password: str) -> bool:
+        assert _monitor is not None
+        if self.password_checker is None:
+            return False
+        reply, _ = _monitor.call("check_password", user=user, password=password)
+        return bool(reply.get("ok"))
+
+
+def _load_everything() -> None:
+    """Import now what the connection will need: after the drop the interpreter's own tree may be unreadable
+    (a pyenv under /root), and imports are lazy in places (cryptography's backend, the event loop)."""
+    import pkgutil
+
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+    from . import evloop
+
+    for info in pkgutil.walk_packages([os.path.dirname(os.path.abspath(__file__))], "sshconduit."):
+        if not info.name.endswith("__main__"):
+            with contextlib.suppress(ImportError):
+                __import__(info.name)
+    x25519.X25519PrivateKey.generate().public_key()
+    for curve in (ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()):
+        ec.generate_private_key(curve).public_key()
+    evloop.loop_factory()
+
+
+def _drop_to_unprivileged() -> None:
+    for name in UNPRIVILEGED_USERS:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        os.chdir("/")
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise OSError("setuid failed")
+        return
+    raise OSError("no unprivileged user (sshd or nobody) to run as")
+
+
+def child_main(argv: list[str]) -> None:
+    """The per-connection process: load the config (as root), shed root, serve the one connection."""
+    global _monitor
+    from . import audit, evloop, server_config
+    from .cli.logs import setup_logging
+    from .config.sshd_config import load_server_config
+    from .server import make_server_connection
+
+    conn_fd, monitor_fd, params = int(argv[0]), int(argv[1]), json.loads(argv[2])
+    setup_logging(int(params["level"]), program="conduitd", syslog=False, logfile=params.get("logfile"))
+    conn = socket.socket(fileno=conn_fd)
+    _monitor = MonitorClient(socket.socket(fileno=monitor_fd))
+    try:
+        cfg = load_server_config(params["config"], list(params["options"]))
+        reply, _ = _monitor.call("host_keys")
+        host_keys: list[Any] = [MonitorKey(keys.parse_public_blob(_unb64(b)), _monitor) for b in reply["keys"]]
+        options = server_config.server_options(cfg, host_keys, ())
+        base = options.policy
+        options.policy = MonitoredPolicy(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        privsep.helper_source = _monitor.start_helper
+        privsep.pty_owner = _monitor.own_pty
+        audit.configure(cfg.audit_log)  # opened as root; the descriptor stays writable after the drop
+        _load_everything()
+        _drop_to_unprivileged()
+    except Exception as exc:
+        log.error("connection process: %s", exc)
+        os._exit(1)
+
+    async def serve() -> None:
+        connection = make_server_connection(options)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, conn)
+        await connection.closed
+
+    evloop.run(serve())

@@ -1,0 +1,340 @@
+"""conduitd as root serving another system user: that user's sessions run with the user's ids, and the sockets of
+the user's forwards are made by a helper running as the user, so the kernel applies the user's rights."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    KeySet,
+    env_with_src,
+    free_port,
+    run_client,
+    ssh_argv,
+    start_daemon,
+    tunnel,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root")
+
+TEST_USER = "conduit-test-user"
+ESTABLISHED = "01"  # st column of /proc/net/tcp
+WAIT = 15.0  # seconds any one connection in these tests may take
+
+
+KEPT_KEYS = 20  # lines kept in the test user's authorized_keys: concurrent runs each add their own key
+
+
+@pytest.fixture(scope="module")
+def test_user(keyset: KeySet) -> pwd.struct_passwd:
+    """A second system user whose ~/.ssh/authorized_keys holds the test key. Made once and kept: a concurrent run
+    may be using it, so neither the user nor another run's key line is removed."""
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        made = subprocess.run(["useradd", "-m", "-s", "/bin/sh", TEST_USER], capture_output=True, check=False)
+        assert made.returncode in (0, 9), made.stderr  # 9: another run made it just now
+    entry = pwd.getpwnam(TEST_USER)
+    ssh_dir = Path(entry.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    authorized = ssh_dir / "authorized_keys"
+    key_line = keyset.authorized_keys.read_text().strip()
+    lines = authorized.read_text().splitlines() if authorized.exists() else []
+    if key_line not in lines:
+        authorized.write_text("\n".join([*lines[-(KEPT_KEYS - 1) :], key_line]) + "\n")
+    for path, mode in ((ssh_dir, 0o700), (authorized, 0o600)):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(mode)
+    return entry
+
+
+@pytest.fixture(params=["in-process", "privsep"])
+def daemon(request, keyset: KeySet, tmp_path: Path, test_user: pwd.struct_passwd):
+    """conduitd as root: one process (post-auth work as the user), or UsePrivilegeSeparation (a process per
+    connection, unprivileged until authenticated)."""
+    port = free_port()
+    config = tmp_path / "conduitd_config"
+    config.write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keyset.host_keys['ed25519']}\n"
+        f"AuthorizedKeysFile .ssh/authorized_keys {keyset.authorized_keys}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nPidFile none\n"
+        "AllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n"
+        f"UsePrivilegeSeparation {'yes' if request.param == 'privsep' else 'no'}\n"
+    )
+    argv = [shutil.which("python3") or "python3", "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)]
+    with start_daemon(argv, port, config, env_with_src()) as d:
+        yield d
+
+
+def run_as(keyset: KeySet, port: int, user: str, *command: str) -> subprocess.CompletedProcess:
+    return run_client(ssh_argv(keyset, port, f"{user}@127.0.0.1", *command), timeout=WAIT)
+
+
+def test_session_runs_as_the_user(keyset, daemon, test_user):
+    out = run_as(keyset, daemon.port, TEST_USER, "id -u; id -g; pwd; echo $HOME")
+    assert out.returncode == 0, out.stderr
+    uid, gid, cwd, home = out.stdout.decode().split()
+    assert (int(uid), int(gid)) == (test_user.pw_uid, test_user.pw_gid)
+    assert cwd == home == test_user.pw_dir
+    root = run_as(keyset, daemon.port, "root", "id -u")
+    assert root.returncode == 0, root.stderr
+    assert root.stdout.decode().split() == ["0"]
+
+
+def test_pty_session_owns_its_terminal(keyset, daemon, test_user):
+    out = run_client(
+        ssh_argv(keyset, daemon.port, "-tt", f"{TEST_USER}@127.0.0.1", "id -u; stat -c %u $(tty)"), timeout=WAIT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().split() == [str(test_user.pw_uid)] * 2
+
+
+class PeerRecorder:
+    """A TCP echo service that records the source port of each connection that sent it data."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.peer_ports: list[int] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn, peer[1]), daemon=True).start()
+
+    def _echo(self, conn: socket.socket, peer_port: int) -> None:
+        # only connections that carry data count: ssh's own probe of the forwarded port opens one too
+        with conn:
+            while data := conn.recv(65536):
+                if peer_port not in self.peer_ports:
+                    self.peer_ports.append(peer_port)
+                conn.sendall(data)
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def tcp_socket_uid(local_port: int) -> int:
+    """The owning uid of the established IPv4 TCP socket on 127.0.0.1:local_port, from /proc/net/tcp (a TIME_WAIT
+    left by an earlier connection on the same port shows uid 0)."""
+    want = f"0100007F:{local_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want and fields[3] == ESTABLISHED:
+            return int(fields[7])
+    raise AssertionError(f"no socket on 127.0.0.1:{local_port}")
+
+
+def test_local_forward_connects_as_the_user(keyset, daemon, test_user):
+    recorder = PeerRecorder()
+    try:
+        for user, uid in ((TEST_USER, test_user.pw_uid), ("root", 0)):
+            lport = free_port()
+            argv = ssh_argv(keyset, daemon.port, "-N", "-L", f"{lport}:127.0.0.1:{recorder.port}", f"{user}@127.0.0.1")
+            with tunnel(argv, lport), socket.create_connection(("127.0.0.1", lport), timeout=WAIT) as s:
+                s.sendall(b"ping")
+                assert s.recv(4) == b"ping"
+                assert tcp_socket_uid(recorder.peer_ports[-1]) == uid
+    finally:
+        recorder.sock.close()
+
+
+@contextlib.contextmanager
+def unix_echo(path: Path, uid: int, gid: int) -> Iterator[None]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    os.chown(path, uid, gid)
+    path.chmod(0o600)
+    server.listen(8)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.close()
+
+
+def echo_once(port: int, payload: bytes) -> bytes:
+    """Send payload through the forward and read as much back; b"" when the far end closes (the open failed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            s.sendall(payload)
+            while len(got) < len(payload) and (chunk := s.recv(len(payload) - len(got))):
+                got += chunk
+    return got
+
+
+def test_streamlocal_forward_has_only_the_users_rights(keyset, daemon, test_user):
+    base = Path(tempfile.mkdtemp(prefix="conduit-privsep-", dir="/tmp"))
+    base.chmod(0o755)
+    mine, roots = base / "user.sock", base / "root.sock"
+    try:
+        with unix_echo(mine, test_user.pw_uid, test_user.pw_gid), unix_echo(roots, 0, 0):
+            for user, path, reachable in (
+                (TEST_USER, mine, True),
+                (TEST_USER, roots, False),
+                ("root", roots, True),  # the same socket is reachable for root: the refusal above is the uid's
+            ):
+                lport = free_port()
+                argv = ssh_argv(keyset, daemon.port, "-N", "-L", f"{lport}:{path}", f"{user}@127.0.0.1")
+                with tunnel(argv, lport):
+                    got = echo_once(lport, b"hello")
+                assert (got == b"hello") is reachable, (user, path, got)
+        assert "Permission denied" in daemon.output()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_remote_forward_listens_as_the_user(keyset, daemon, test_user):
+    """-R to a unix path: bound by the user's helper, so it lands owned by the user and only where the user may
+    create files (a root-owned 0755 directory refuses it; root itself may bind there)."""
+    base = Path(tempfile.mkdtemp(prefix="conduit-privsep-", dir="/tmp"))
+    base.chmod(0o755)
+    home_sock = Path(test_user.pw_dir) / f"fwd-{os.getpid()}.sock"
+    try:
+        for user, path, allowed in ((TEST_USER, home_sock, True), (TEST_USER, base / "u.sock", False)):
+            argv = ssh_argv(
+                keyset, daemon.port, "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{path}:127.0.0.1:9",
+                f"{user}@127.0.0.1",
+            )  # fmt: skip
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + WAIT
+                while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if allowed:
+                    assert path.exists(), proc.stderr.read() if proc.poll() is not None else "no socket"
+                    assert path.stat().st_uid == test_user.pw_uid
+                    proc.terminate()
+                    proc.wait(5)
+                    deadline = time.monotonic() + WAIT
+                    while path.exists() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert not path.exists()  # removed (by the user's helper) when the connection went
+                else:
+                    assert proc.wait(WAIT) != 0
+                    assert not path.exists()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                proc.wait(5)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        home_sock.unlink(missing_ok=True)
+
+
+def server_socket_inode(server_port: int, client_port: int) -> int:
+    want_local, want_remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[9])
+    raise AssertionError(f"no server socket for client port {client_port}")
+
+
+def process_holding(inode: int, candidates: list[int]) -> int:
+    for pid in candidates:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+    raise AssertionError("no process holds the connection")
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+@pytest.mark.parametrize("daemon", ["privsep"], indirect=True)  # the in-process daemon keeps root until auth
+def test_preauth_process_holds_no_privileges(keyset, daemon, test_user):
+    """Version exchanged, nothing authenticated: the process speaking to the client runs as sshd (or nobody)."""
+    names = {entry.pw_name for entry in pwd.getpwall()}
+    unprivileged = next(pwd.getpwnam(name).pw_uid for name in ("sshd", "nobody") if name in names)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT) as s:
+        s.sendall(b"SSH-2.0-probe\r\n")
+        banner = b""
+        while not banner.endswith(b"\n") and len(banner) < 256:
+            chunk = s.recv(1)
+            assert chunk, "the server closed the connection"
+            banner += chunk
+        assert banner.startswith(b"SSH-2.0-")
+        inode = server_socket_inode(daemon.port, s.getsockname()[1])
+        pid = process_holding(inode, descendants(daemon.proc.pid))
+        assert pid != daemon.proc.pid  # a process of its own, not the listener
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
+        assert set(map(int, uids)) == {unprivileged}, uids
+        assert unprivileged not in (0, test_user.pw_uid)
+
+
+def read_banner(s: socket.socket) -> bytes:
+    banner = b""
+    while not banner.endswith(b"\n") and len(banner) < 256:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        banner += chunk
+    return banner
+
+
+def test_privsep_honours_max_startups(keyset, tmp_path, test_user):
+    """Each unauthenticated connection costs a process: past MaxStartups the listener drops it at once."""
+    port = free_port()
+    config = tmp_path / "conduitd_config"
+    config.write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keyset.host_keys['ed25519']}\n"
+        "PidFile none\nUsePrivilegeSeparation yes\nMaxStartups 2:100:2\n"
+    )
+    argv = [shutil.which("python3") or "python3", "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)]
+    with start_daemon(argv, port, config, env_with_src()) as d, contextlib.ExitStack() as held:
+        # until the start-up probe's process is reaped it still counts: retry the first two until they are in
+        admitted: list[socket.socket] = []
+        deadline = time.monotonic() + WAIT
+        while len(admitted) < 2 and time.monotonic() < deadline:
+            s = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+            if read_banner(s).startswith(b"SSH-2.0-"):
+                admitted.append(s)
+            else:
+                s.close()
+                time.sleep(0.05)
+        assert len(admitted) == 2
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as third:
+            assert read_banner(third) == b""  # two unauthenticated connections held: MaxStartups full
+    assert "past MaxStartups" in d.output()  # read once the held connections' processes are gone

@@ -1,0 +1,93 @@
+"""A forwarded socket is read before its channel opens: bounded buffering instead of a pause per connection."""
+
+from __future__ import annotations
+
+from sshconduit import limits
+from sshconduit.forward.bridge import StreamBridge
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+class FakeConnection:
+    """Takes at most ``window`` bytes of channel data, like a peer's window."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.sent: list[bytes] = []
+        self.eofs = 0
+
+    def send_data(self, channel_id: int, data: bytes | memoryview) -> int:
+        n = min(len(data), self.window)
+        self.window -= n
+        if n:
+            self.sent.append(bytes(data[:n]))
+        return n
+
+    def send_eof(self, channel_id: int) -> None:
+        self.eofs += 1
+
+    def close_channel(self, channel_id: int) -> None:
+        pass
+
+
+def make_bridge(window: int) -> tuple[StreamBridge, FakeSocket, FakeConnection]:
+    bridge = StreamBridge("test")
+    conn = FakeConnection(window)
+    bridge.bind(conn, 0)  # type: ignore[arg-type]
+    sock = FakeSocket()
+    bridge.socket_made(sock)  # type: ignore[arg-type]
+    return bridge, sock, conn
+
+
+def test_a_new_socket_is_not_paused_and_early_bytes_go_out_in_order_on_open() -> None:
+    bridge, sock, conn = make_bridge(window=1 << 30)
+    bridge.socket_data(b"first ")
+    bridge.socket_data(b"second")
+    assert sock.calls == []  # no pause/resume pair on the critical path of each connection
+    assert conn.sent == []  # nothing before the open is confirmed
+    bridge.opened(b"")
+    assert b"".join(conn.sent) == b"first second"
+    assert sock.calls == []
+    bridge.socket_data(b" third")
+    assert b"".join(conn.sent) == b"first second third"
+
+
+def test_early_bytes_past_the_bound_pause_reading_until_the_channel_opens() -> None:
+    bridge, sock, conn = make_bridge(window=1 << 30)
+    chunk = b"x" * 65536
+    chunks = limits.MAX_EARLY_SOCKET_BYTES // len(chunk) + 1
+    for _ in range(chunks):
+        bridge.socket_data(chunk)
+    assert sock.calls == ["pause"]
+    bridge.socket_data(chunk)  # a read already under way when the pause came: kept, no second pause
+    assert sock.calls == ["pause"]
+    bridge.opened(b"")
+    assert sum(map(len, conn.sent)) == (chunks + 1) * len(chunk)
+    assert sock.calls == ["pause", "resume"]
+
+
+def test_early_bytes_beyond_the_peer_window_wait_for_window_adjust() -> None:
+    bridge, sock, conn = make_bridge(window=10)
+    bridge.socket_data(b"0123456789abcdef")
+    bridge.socket_eof()
+    bridge.opened(b"")
+    assert conn.sent == [b"0123456789"]
+    assert sock.calls == ["pause"]  # the window shut: stop reading
+    assert conn.eofs == 0  # EOF only after every byte went out
+    conn.window = 100
+    bridge.window_opened()
+    assert b"".join(conn.sent) == b"0123456789abcdef"
+    assert conn.eofs == 1
+    assert sock.calls == ["pause"]  # the socket already sent EOF: nothing to resume
