@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes
 from ..errors import ConfigError
 from .algorithms import ALGORITHM_KEYWORDS, apply_algorithm_spec
 from .forward_spec import ForwardSpec, parse_forward
+from .lexer import ConfigLine, LineError, parse_flag, parse_time, read_config_lines
 from .patterns import match_hostname, match_pattern_list
-from .sshd_config import ConfigLine, LineError, parse_flag, parse_time, read_config_lines
 
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 MAX_INCLUDE_DEPTH = 16

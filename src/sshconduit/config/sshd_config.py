@@ -14,7 +14,6 @@ import dataclasses
 import glob
 import ipaddress
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .algorithms import ALGORITHM_KEYWORDS, apply_algorithm_spec
+from .lexer import ConfigLine, LineError, parse_flag, parse_time, read_config_lines
 from .patterns import match_address, match_hostname, match_pattern_list
 
 SSHD_CONFIG_DIR = "/etc/ssh"  # where relative Include paths point, as in sshd
@@ -30,101 +30,6 @@ MAX_INCLUDE_DEPTH = 16
 
 _LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 _FACILITIES = ("DAEMON", "USER", "AUTH", "AUTHPRIV", *(f"LOCAL{i}" for i in range(8)))
-
-
-# ---------------------------------------------------------------- the line syntax shared with ssh_config
-
-
-class LineError(Exception):
-    """A bad value; the caller adds "file: line N: " in front."""
-
-
-@dataclass(frozen=True)
-class ConfigLine:
-    source: str
-    lineno: int
-    keyword: str  # as written
-    args: list[str]  # quotes removed, trailing comment dropped
-    rest: str  # the raw text after the keyword, for ForceCommand & co.
-
-    def error(self, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: line {self.lineno}: {message}")
-
-
-_KEYWORD = re.compile(r"[ \t]*([^ \t=]+)[ \t]*=?[ \t]*")
-
-
-def read_config_lines(text: str, source: str, first_line: int = 1) -> list[ConfigLine]:
-    """``Keyword value``, ``Keyword=value``, ``#`` comments, quoted arguments, as OpenSSH reads them."""
-    lines: list[ConfigLine] = []
-    for lineno, raw in enumerate(text.splitlines(), start=first_line):
-        stripped = raw.strip(" \t\r\n\f\v")
-        if not stripped or stripped.startswith("#"):
-            continue
-        match = _KEYWORD.match(stripped)
-        if match is None:
-            continue
-        rest = stripped[match.end() :]
-        try:
-            args = split_arguments(rest)
-        except ValueError:
-            raise ConfigError(f"{source}: line {lineno}: invalid quotes") from None
-        lines.append(ConfigLine(source, lineno, match.group(1), args, rest.strip()))
-    return lines
-
-
-def split_arguments(text: str) -> list[str]:
-    """Whitespace-separated words; ' and " group, a backslash escapes a quote, a backslash or a space,
-    an unquoted # starting a word ends the line. ValueError on an unterminated quote."""
-    args: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        if text[i] in " \t":
-            i += 1
-            continue
-        if text[i] == "#":
-            break
-        word: list[str] = []
-        quote = ""
-        while i < n:
-            c = text[i]
-            if c == "\\" and i + 1 < n and (text[i + 1] in "'\"\\" or (not quote and text[i + 1] == " ")):
-                word.append(text[i + 1])
-                i += 2
-                continue
-            if not quote and c in " \t":
-                break
-            if not quote and c in "'\"":
-                quote = c
-            elif quote and c == quote:
-                quote = ""
-            else:
-                word.append(c)
-            i += 1
-        if quote:
-            raise ValueError("unterminated quote")
-        args.append("".join(word))
-    return args
-
-
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_time(text: str) -> int | None:
-    """sshd's time format: ``90``, ``2m``, ``1h30m``, ``1w``; None when malformed."""
-    if not re.fullmatch(r"(?:[0-9]+[smhdwSMHDW]?)+", text):
-        return None
-    return sum(int(n) * _TIME_UNITS[unit.lower()] for n, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", text))
-
-
-def parse_flag(text: str, *, true_false: bool = False) -> bool | None:
-    """yes/no (and true/false where ssh accepts them); None when neither."""
-    lowered = text.lower()
-    if lowered == "yes" or (true_false and lowered == "true"):
-        return True
-    if lowered == "no" or (true_false and lowered == "false"):
-        return False
-    return None
 
 
 @dataclass
