@@ -221,22 +221,33 @@ def echo_server() -> Iterator[EchoServer]:
     server.close()
 
 
-def echo_through(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
+def echo_over(s: socket.socket, payload: bytes, timeout: float = 20) -> bytes:
     """Send payload from a thread (flow control would stall a send-then-read), half-close, read all back."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
 
-        def send() -> None:
-            with contextlib.suppress(OSError):
-                s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
 
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        chunks = []
-        while chunk := s.recv(262144):
-            chunks.append(chunk)
-        sender.join(timeout)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    chunks = []
+    while chunk := s.recv(262144):
+        chunks.append(chunk)
+    sender.join(timeout)
     return b"".join(chunks)
+
+
+def echo_through(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        return echo_over(s, payload, timeout)
+
+
+def echo_unix(path: str, payload: bytes, timeout: float = 20) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        return echo_over(s, payload, timeout)
 
 
 @contextlib.contextmanager

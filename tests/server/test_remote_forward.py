@@ -11,12 +11,11 @@ import select
 import socket
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import USER, echo_through, env_with_src, free_port, run_client, ssh_argv, wait_for_port
+from conftest import USER, echo_through, echo_unix, env_with_src, free_port, run_client, ssh_argv, wait_for_port
 
 import sshconduit
 from sshconduit import limits, messages
@@ -86,25 +85,6 @@ def read_line_matching(proc: subprocess.Popen, pattern: str) -> re.Match[str]:
         if found:
             return found
     raise AssertionError(f"no line matching {pattern!r} in {seen!r}")
-
-
-def echo_unix(path: str, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(20)
-        s.connect(path)
-
-        def send() -> None:
-            with contextlib.suppress(OSError):
-                s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        chunks = []
-        while chunk := s.recv(262144):
-            chunks.append(chunk)
-        sender.join(20)
-    return b"".join(chunks)
 
 
 def refused(host: str, port: int) -> bool:
