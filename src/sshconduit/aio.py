@@ -114,7 +114,6 @@ class SSHConnection(asyncio.Protocol):
         self._global_replies: list[asyncio.Future[tuple[bool, bytes]]] = []
         self._global_answering: asyncio.Task[None] | None = None  # replies must go out in arrival order
         self.close_reason: SSHError | None = None
-        self._early_channel_messages: list[messages.Message] = []  # client: before start_connection_layer
         self.peer_is_us = False  # the peer is sshconduit too: bulk channels use bigger packets and windows
 
     # --- asyncio.Protocol ---
@@ -235,10 +234,10 @@ class SSHConnection(asyncio.Protocol):
     # --- event routing ---
 
     def _handle_events(self, events: list[object]) -> None:
-        channels = self.channels
         for event in events:
-            if channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 100:
-                self._handle_channel_events(channels.handle(event))
+            # self.channels, not a copy: USERAUTH_SUCCESS earlier in this batch may have just started it.
+            if self.channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 100:
+                self._handle_channel_events(self.channels.handle(event))
             elif isinstance(event, HostKeyReceived):
                 self._check_host_key(event)
             elif isinstance(event, KexComplete):
@@ -280,16 +279,10 @@ class SSHConnection(asyncio.Protocol):
     def _handle_message(self, msg: messages.Message) -> None:
         if self.role is Role.CLIENT:
             if self.channels is None and 5 <= msg.ID < 80:
+                if isinstance(msg, messages.UserauthSuccess):
+                    # Start channels now, in wire order: sshd's hostkeys-00 request can follow in the same read.
+                    self.start_connection_layer()
                 self.auth_messages.put_nowait(msg)
-                return
-            if (
-                self.channels is None
-                and 80 <= msg.ID <= 100
-                and len(self._early_channel_messages) < limits.MAX_EARLY_CONNECTION_MESSAGES
-            ):
-                # sshd sends its hostkeys-00 request right behind USERAUTH_SUCCESS, often in the same read,
-                # before the auth task has started the connection layer: hold it for start_connection_layer.
-                self._early_channel_messages.append(msg)
                 return
         elif self.server_auth is not None and self.channels is None:
             for event in self.server_auth.handle(msg):
@@ -321,13 +314,6 @@ class SSHConnection(asyncio.Protocol):
         self.peer_is_us = "sshconduit" in (self.core.peer_version or "")
         if self.peer_is_us:
             self.channels.max_payload = limits.PEER_MAX_PAYLOAD
-        early, self._early_channel_messages = self._early_channel_messages, []
-        if early:
-            try:
-                self._handle_events(early)
-            except ProtocolError as exc:
-                self._protocol_error(exc)
-            self.schedule_flush()
 
     # --- channels ---
 

@@ -369,8 +369,7 @@ async def connect_with_options(options: ClientOptions) -> SSHClient:
         try:
             await conn.kex_done
             method = await _AuthConversation(conn, options).run()
-            log.debug("Authentication succeeded (%s).", method)
-            conn.start_connection_layer()
+            log.debug("Authentication succeeded (%s).", method)  # the adapter started channels on SUCCESS
         except BaseException:
             conn.close()
             raise

@@ -43,5 +43,4 @@ MAX_AGENT_MESSAGE = 256 * 1024
 MAX_AGENT_IDENTITIES = 2048
 AGENT_TIMEOUT = 30.0  # seconds for one agent request (it may prompt the user for confirmation)
 
-MAX_EARLY_CONNECTION_MESSAGES = 64  # client: channel/global messages held while auth success is processed
 MAX_REMOTE_LISTENERS = 256  # tcpip-forward / streamlocal-forward listeners one connection may hold open
