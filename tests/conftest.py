@@ -34,6 +34,20 @@ def as_local_openssh_kex(csv: str) -> str:
     return ",".join(name for name in csv.split(",") if name in known)
 
 
+def feed_client_transport(transport, data: bytes) -> list[object]:
+    """Feed a client-side sans-IO Transport, saying yes to the host key; returns every event it produced."""
+    from sshconduit.transport import HostKeyReceived
+
+    events = transport.receive_data(data)
+    produced = list(events)
+    for _ in range(3):  # HostKeyReceived comes once, last in its batch
+        if not events or not isinstance(events[-1], HostKeyReceived):
+            break
+        events = transport.accept_host_key()
+        produced += events
+    return produced
+
+
 def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

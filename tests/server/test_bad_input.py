@@ -10,13 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import USER, Daemon, KeySet, conduit_argv, run_client
+from conftest import USER, Daemon, KeySet, conduit_argv, feed_client_transport, run_client
 
 from sshconduit import limits, messages
 from sshconduit.crypto import ciphers, keys
 from sshconduit.errors import DisconnectReason
 from sshconduit.transport import (
-    HostKeyReceived,
     KexComplete,
     PeerDisconnected,
     Role,
@@ -179,12 +178,7 @@ class WireClient:
             self.sock.sendall(b"".join(out))
 
     def feed(self, data: bytes) -> None:
-        events = self.transport.receive_data(data)
-        for _ in range(3):  # HostKeyReceived comes once, last in its batch
-            self.events += events
-            if not events or not isinstance(events[-1], HostKeyReceived):
-                break
-            events = self.transport.accept_host_key()
+        self.events += feed_client_transport(self.transport, data)
         self.flush()
 
     def wait_for(self, done: Callable[[], bool]) -> None:

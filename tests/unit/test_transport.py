@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Sequence
 
 import pytest
+from conftest import feed_client_transport
 
 from sshconduit import limits, messages
 from sshconduit.crypto import ciphers, kex, keys
@@ -82,12 +83,7 @@ class Pair:
         self.split: Callable[[bytes], list[bytes]] = lambda data: [data]
 
     def feed_client(self, data: bytes) -> None:
-        events = self.client.receive_data(data)
-        for _ in range(3):  # HostKeyReceived comes once, last in its batch
-            self.client_events += events
-            if not events or not isinstance(events[-1], HostKeyReceived):
-                return
-            events = self.client.accept_host_key()
+        self.client_events += feed_client_transport(self.client, data)
 
     def feed_server(self, data: bytes) -> None:
         self.server_events += self.server.receive_data(data)
