@@ -125,6 +125,7 @@ class ServerAuth:
         self._policy = policy
         self._max_tries = max_tries
         self._banner = banner
+        self._banner_sent = False
         self._signature_algorithms = signature_algorithms
         self._service_started = False
         self._failures = 0
@@ -154,11 +155,14 @@ class ServerAuth:
     def _on_request(self, msg: messages.UserauthRequest) -> list[object]:
         if msg.service != SERVICE_CONNECTION:
             raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
-        if self._banner is not None:
-            self._send(messages.UserauthBanner(self._banner).encode())
-            self._banner = None
         user = msg.user
-        methods = self._policy.allowed_methods(user)
+        methods = self._policy.allowed_methods(user)  # names the user: Match blocks apply from here
+        if not self._banner_sent:  # as sshd: once, at the first request, the banner Match chose for this user
+            self._banner_sent = True
+            banner_text = getattr(self._policy, "banner_text", None)
+            banner = (banner_text() if banner_text is not None else None) or self._banner
+            if banner is not None:
+                self._send(messages.UserauthBanner(banner).encode())
         if msg.method == "none" or msg.method not in methods:
             self._fail(user)
             return []
@@ -182,9 +186,9 @@ class ServerAuth:
         except Exception:
             self._fail(user)
             return []
-        if req.algorithm not in key.signature_algorithms() or (
-            self._signature_algorithms and req.algorithm not in self._signature_algorithms
-        ):
+        # PubkeyAcceptedAlgorithms: the policy's, Match-resolved for this user, else the server's own
+        accepted = getattr(self._policy, "pubkey_accepted_algorithms", None) or self._signature_algorithms
+        if req.algorithm not in key.signature_algorithms() or (accepted and req.algorithm not in accepted):
             self._fail(user)
             return []
         if not req.has_signature:  # a query: would this key do?

@@ -44,3 +44,9 @@ MAX_AGENT_IDENTITIES = 2048
 AGENT_TIMEOUT = 30.0  # seconds for one agent request (it may prompt the user for confirmation)
 
 MAX_REMOTE_LISTENERS = 256  # tcpip-forward / streamlocal-forward listeners one connection may hold open
+
+# Sessions (session_server.py, ttymodes.py)
+MAX_ACCEPTED_ENV = 64  # env requests a peer may make stick on one channel (LC_* is an open set)
+MAX_TERMINAL_MODES = 256  # opcodes in one pty-req; the RFC defines fewer than 80
+KILL_GRACE = 2.0  # seconds between SIGHUP and SIGKILL when a channel closes under a running process
+PTY_DRAIN_GRACE = 0.5  # seconds to keep reading a pty after its process exited (a daemon may hold the slave)

@@ -6,14 +6,16 @@ import hmac
 import logging
 import os
 import pwd
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import audit
 from .access import access_denial
 from .config.authorized_keys import AuthorizedKey, KeyOptions, find_authorized_key, load_authorized_keys
 from .config.patterns import match_pattern
 from .crypto import keys
+from .session_policy import ACCEPTED_ENV
 
 log = logging.getLogger("sshconduit.policy")
 
@@ -51,6 +53,15 @@ class ServerPolicy:
     max_auth_tries: int | None = None  # None: the server's own; set when Match may change it per user
     client_alive_interval: int = 0
     client_alive_count_max: int = 3
+    permit_empty_passwords: bool = False
+    pubkey_accepted_algorithms: Sequence[str] = ()  # empty: every algorithm the key type has
+    # sessions
+    force_command: str | None = None  # ForceCommand: wins over authorized_keys command=
+    accept_env: Sequence[str] = ACCEPTED_ENV  # conduitd sets sshd's (none unless configured)
+    permit_user_environment: str = "no"  # yes | no | pattern list of names authorized_keys environment= may set
+    subsystems: Mapping[str, str] = field(default_factory=dict)
+    banner: str | None = None  # Banner: a file, read when the user is known (Match may change it)
+    chroot_directory: str | None = None  # not implemented: a user it applies to is refused, never served unjailed
     serving_uid: int = field(default_factory=os.getuid)
     client_address: str | None = None
     local_address: str | None = None
@@ -84,6 +95,9 @@ class ServerPolicy:
         reason = access_denial(
             user, self.client_address, self.allow_users, self.deny_users, self.allow_groups, self.deny_groups
         )
+        if reason is None and self.chroot_directory is not None:
+            # fail closed: a session (or a unix socket forward) outside the jail would be weaker than the config
+            reason = f"ChrootDirectory {self.chroot_directory} is set and conduitd does not implement it"
         if reason is not None and not self._denial_logged:
             self._denial_logged = True
             log.info("User %s from %s not allowed because %s", user, self.client_address, reason)
@@ -96,7 +110,7 @@ class ServerPolicy:
         methods = []
         if self.pubkey_authentication:
             methods.append("publickey")
-        if self.password_checker is not None and (user != "root" or self.permit_root_login == "yes"):
+        if self.password_checker is not None and (not _is_root(user) or self.permit_root_login == "yes"):
             if self.password_authentication:
                 methods.append("password")
             if self.kbd_interactive_authentication:
@@ -106,10 +120,15 @@ class ServerPolicy:
     def check_publickey(self, user: str, key: keys.PublicKey) -> bool:
         if not self._user_allowed(user):
             return False
-        if user == "root" and self.permit_root_login == "no":
+        if _is_root(user) and self.permit_root_login == "no":
+            log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin no)", self.client_address)
             return False
         entry = self._find_key(user, key)
         if entry is None:
+            return False
+        if _is_root(user) and self.permit_root_login == "forced-commands-only" and entry.options.command is None:
+            log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin forced-commands-only, key without command=)",
+                     self.client_address)  # fmt: skip
             return False
         self.key_options = entry.options
         return True
@@ -133,7 +152,22 @@ class ServerPolicy:
     def check_password(self, user: str, password: str) -> bool:
         if self.password_checker is None or not self._user_allowed(user):
             return False
+        if not password and not self.permit_empty_passwords:
+            return False
+        if _is_root(user) and self.permit_root_login != "yes":
+            log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin %s)", self.client_address, self.permit_root_login)
+            return False
         return self.password_checker(user, password)
+
+    def banner_text(self) -> str | None:
+        """The Banner file's text for this connection (Match applied), read when the user is known."""
+        if self.banner is None:
+            return None
+        try:
+            return Path(self.banner).read_text(errors="replace")
+        except OSError as exc:
+            log.info("Banner %s: %s", self.banner, exc.strerror or exc)
+            return None
 
     # --- forwarding ---
 
@@ -183,6 +217,14 @@ class ServerPolicy:
         if self.key_options is not None and not self.key_options.allows_port_forwarding():
             return "authorized_keys no-port-forwarding"
         return None
+
+
+def _is_root(user: str) -> bool:
+    """PermitRootLogin is about uid 0, whatever the account is called (sshd checks pw_uid)."""
+    try:
+        return pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False
 
 
 def expand_tokens(pattern: str, user: str, home: str) -> str:

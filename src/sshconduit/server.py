@@ -10,7 +10,7 @@ import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import audit, connection, keepalive, limits, privsep
+from . import audit, connection, keepalive, limits, privsep, session_policy
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
 from .errors import ChannelOpenError
@@ -93,12 +93,16 @@ class ServerConnectionHandler:
 
         user = conn.user or ""
         entry = pwd.getpwnam(user)
+        key_options = self.policy.key_options
+        # sshd's order: its own variables, then authorized_keys environment=, then SSH_* (the client's accepted
+        # AcceptEnv variables go under all of these, in the session)
         env = {
             "USER": user,
             "LOGNAME": user,
             "HOME": entry.pw_dir,
             "SHELL": entry.pw_shell or "/bin/sh",
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            **session_policy.key_environment(self.policy.permit_user_environment, key_options, user),
             "SSH_CLIENT": f"{conn.peername[0]} {conn.peername[1]} {conn.local_port}",
             "SSH_CONNECTION": f"{conn.peername[0]} {conn.peername[1]} {conn.local_address} {conn.local_port}",
         }
@@ -107,15 +111,18 @@ class ServerConnectionHandler:
             log.info("refused session for %s: MaxSessions %d reached", user, self.policy.max_sessions)
             audit.refused(user, conn.peername[0], "session", "", "MaxSessions")
             raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
-        key_options = self.policy.key_options
         allow_pty = self.options.permit_tty and self.policy.permit_tty
         allow_pty = allow_pty and (key_options is None or key_options.allows_pty())
-        command = key_options.command if key_options is not None else None
+        command, source = session_policy.forced_command(self.policy.force_command, key_options)
+        if command is not None:
+            log.debug("session for %s: forced command %s", user, source)
         return ServerSession(
             entry.pw_shell or "/bin/sh",
             env,
             allow_pty=allow_pty,
             forced_command=command,
+            accept_env=self.policy.accept_env,
+            subsystems=self.policy.subsystems,
             # a root server drops to the user in the child; a privsep connection process asks the user's helper
             credentials=None if privsep.helper_source is not None else privsep.credentials_for(user),
             spawner=helper.spawn if privsep.helper_source is not None and (helper := self._helper(conn)) else None,

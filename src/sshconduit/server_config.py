@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 from .access import user_groups
 from .aio import SSHConnection
@@ -25,36 +23,21 @@ from .transport import TransportConfig
 
 log = logging.getLogger("sshconduit.conduitd")
 
-# ServerConfig attributes copied onto a ServerPolicy of the same name (the Match-able ones)
-_POLICY_FIELDS = (
-    "authorized_keys_files",
-    "pubkey_authentication",
-    "password_authentication",
-    "kbd_interactive_authentication",
-    "permit_root_login",
-    "allow_tcp_forwarding",
-    "disable_forwarding",
-    "permit_open",
-    "permit_listen",
-    "gateway_ports",
-    "allow_stream_local_forwarding",
-    "stream_local_bind_mask",
-    "stream_local_bind_unlink",
-    "allow_users",
-    "deny_users",
-    "allow_groups",
-    "deny_groups",
-    "permit_tty",
-    "max_sessions",
-    "max_auth_tries",
-    "client_alive_interval",
-    "client_alive_count_max",
+# Every ServerConfig attribute a ServerPolicy of the same name has: the main section's value, then the
+# connection's Match-resolved one, so a keyword Match can set applies per connection as soon as the policy has it.
+_POLICY_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ServerPolicy) if f.name in {c.name for c in dataclasses.fields(ServerConfig)}
 )
+# Keywords sshd allows in Match that conduitd does not apply per connection, and why (tests audit this list).
+NOT_PER_CONNECTION = {
+    "log_level": "one log level for the daemon",
+    "x11_forwarding": "X11 forwarding is never offered",
+    "authentication_methods": "auth.py's own",
+}
 
 
 def _policy_values(cfg: ServerConfig) -> dict[str, object]:
-    fields = {f.name for f in dataclasses.fields(ServerPolicy)}
-    return {name: getattr(cfg, name) for name in _POLICY_FIELDS if name in fields}
+    return {name: getattr(cfg, name) for name in _POLICY_FIELDS}
 
 
 def policy_from_config(cfg: ServerConfig, trusted_keys: Sequence[keys.PublicKey] = ()) -> ServerPolicy:
@@ -74,9 +57,6 @@ def policy_from_config(cfg: ServerConfig, trusted_keys: Sequence[keys.PublicKey]
 def server_options(
     cfg: ServerConfig, host_keys: list[keys.PrivateKey], trusted_keys: Sequence[keys.PublicKey] = ()
 ) -> ServerOptions:
-    banner = None
-    if cfg.banner and cfg.banner != "none" and os.path.exists(cfg.banner):
-        banner = Path(cfg.banner).read_text(errors="replace")
     return ServerOptions(
         listen=cfg.listen_endpoints(),
         host_keys=host_keys,
@@ -89,7 +69,6 @@ def server_options(
         ),
         max_auth_tries=cfg.max_auth_tries,
         login_grace_time=float(cfg.login_grace_time or 1e9),
-        banner=banner,
         permit_tty=True,  # per connection: PermitTTY is in the policy, so Match can change it
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import fnmatch
 import functools
 import grp
 import logging
@@ -19,24 +18,22 @@ import pwd
 import signal
 import subprocess
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 from . import limits
 from .aio import ChannelHandler
 from .connection import ChannelClosedError
 from .errors import ProtocolError
+from .limits import KILL_GRACE, MAX_ACCEPTED_ENV, PTY_DRAIN_GRACE
 from .messages import EnvReq, ExecReq, ExitSignal, ExitStatus, PtyReq, SignalReq, WindowChange
 from .privsep import Credentials, Spawner, drop_privileges
+from .session_policy import ACCEPTED_ENV, env_accepted
 from .ttymodes import apply_terminal_modes, winsize
 
 log = logging.getLogger("sshconduit.session")
 
 EXTENDED_DATA_STDERR = 1
-ACCEPTED_ENV = ("LANG", "LC_*")  # sshd's AcceptEnv as most distributions ship it
-MAX_ACCEPTED_ENV = 64  # env requests a peer may make stick on one channel (LC_* is an open set)
-KILL_GRACE = 2.0  # seconds between SIGHUP and SIGKILL when a channel closes under a running process
-PTY_DRAIN_GRACE = 0.5  # seconds to keep reading a pty after its process exited (a daemon may hold the slave)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # RFC 4254 6.10 signal names a peer may send or report, without the "SIG" prefix.
 SIGNAL_NAMES = frozenset({"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM"})
@@ -171,6 +168,8 @@ class ServerSession(ChannelHandler):
         env: dict[str, str] | None = None,
         allow_pty: bool = True,
         forced_command: str | None = None,
+        accept_env: Sequence[str] = ACCEPTED_ENV,
+        subsystems: Mapping[str, str] | None = None,
         on_exit: Callable[[int | None], None] | None = None,
         credentials: Credentials | None = None,
         spawner: Spawner | None = None,
@@ -182,6 +181,8 @@ class ServerSession(ChannelHandler):
         self.env.setdefault("PATH", DEFAULT_PATH)
         self.allow_pty = allow_pty
         self.forced_command = forced_command
+        self.accept_env = tuple(accept_env)  # AcceptEnv patterns
+        self.subsystems = dict(subsystems or {})  # Subsystem name -> command line
         self.on_exit = on_exit
         self.pty: PtyReq | None = None
         self.accepted_env: dict[str, str] = {}
@@ -253,7 +254,8 @@ class ServerSession(ChannelHandler):
         req = EnvReq.decode(data)
         if self._started or len(self.accepted_env) >= MAX_ACCEPTED_ENV or "\0" in req.name + req.value:
             return False
-        if not any(fnmatch.fnmatchcase(req.name, pattern) for pattern in ACCEPTED_ENV):
+        if not env_accepted(self.accept_env, req.name):
+            log.debug("channel %d: ignoring env request %s: not in AcceptEnv", self.channel_id, req.name)
             return False
         self.accepted_env[req.name] = req.value
         return True
@@ -275,6 +277,14 @@ class ServerSession(ChannelHandler):
     def _shell(self, data: bytes) -> bool:
         return self._start(None)
 
+    def _subsystem(self, data: bytes) -> bool:
+        name = os.fsdecode(ExecReq.decode(data).command)  # same layout: one string
+        command = self.subsystems.get(name)
+        if command is None:
+            log.info("channel %d: subsystem request for %s failed, subsystem not found", self.channel_id, name)
+            return False
+        return self._start(command)  # run by the user's shell, as sshd runs an external subsystem
+
     def _signal(self, data: bytes) -> bool:
         name = SignalReq.decode(data).signal
         process = self.process
@@ -290,6 +300,7 @@ class ServerSession(ChannelHandler):
         "window-change": _window_change,
         "exec": _exec,
         "shell": _shell,
+        "subsystem": _subsystem,
         "signal": _signal,
     }
 
@@ -298,12 +309,15 @@ class ServerSession(ChannelHandler):
     def _start(self, command: str | None) -> bool:
         if self._started or self._closed:
             return False
-        self._started = True
-        env = {**self.env, **self.accepted_env}
+        env = {**self.accepted_env, **self.env}  # the server's own variables win over the client's, as in sshd
         if self.forced_command is not None:
             if command is not None:
                 env["SSH_ORIGINAL_COMMAND"] = command
             command = self.forced_command
+        if command is not None and command.split(maxsplit=1)[:1] == ["internal-sftp"]:
+            log.info("channel %d: internal-sftp is not implemented by conduitd", self.channel_id)
+            return False
+        self._started = True
         if command is None and _keeps_argv0(asyncio.get_running_loop()):
             argv = ["-" + os.path.basename(self.user_shell)]  # argv0 "-sh": a login shell, as sshd starts it
         elif command is None:

@@ -6,9 +6,8 @@ import struct
 import termios
 
 from . import wire
+from .limits import MAX_TERMINAL_MODES
 from .wire import Reader
-
-MAX_TERMINAL_MODES = 256  # opcodes in one pty-req; the RFC defines fewer than 80
 
 # --- terminal modes (RFC 4254 section 8): opcode -> termios name ---
 

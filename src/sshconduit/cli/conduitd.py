@@ -17,6 +17,7 @@ from ..crypto import keys
 from ..errors import ConfigError, SSHError
 from ..rlimits import raise_nofile
 from ..server import ServerOptions, listen
+from ..session_policy import ACCEPTED_ENV
 from .logs import setup_logging
 
 log = logging.getLogger("sshconduit.conduitd")
@@ -41,6 +42,7 @@ def embedded_config() -> ServerConfig:
     cfg.password_authentication = False
     cfg.kbd_interactive_authentication = False
     cfg.pid_file = None
+    cfg.accept_env = list(ACCEPTED_ENV)  # sshd's default accepts nothing; Debian's sshd_config ships LANG LC_*
     return cfg
 
 
