@@ -61,6 +61,7 @@ class ServerPolicy:
     permit_user_environment: str = "no"  # yes | no | pattern list of names authorized_keys environment= may set
     subsystems: Mapping[str, str] = field(default_factory=dict)
     banner: str | None = None  # Banner: a file, read when the user is known (Match may change it)
+    banner_texts: Mapping[str, str] = field(default_factory=dict)  # files read ahead by a privsep process
     chroot_directory: str | None = None  # not implemented: a user it applies to is refused, never served unjailed
     serving_uid: int = field(default_factory=os.getuid)
     client_address: str | None = None
@@ -163,6 +164,8 @@ class ServerPolicy:
         """The Banner file's text for this connection (Match applied), read when the user is known."""
         if self.banner is None:
             return None
+        if self.banner in self.banner_texts:
+            return self.banner_texts[self.banner]
         try:
             return Path(self.banner).read_text(errors="replace")
         except OSError as exc:

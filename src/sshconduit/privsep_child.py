@@ -407,6 +407,7 @@ def child_main(argv: list[str]) -> None:
         options = server_config.server_options(cfg, host_keys, ())
         base = options.policy
         options.policy = MonitoredPolicy(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        options.policy.banner_texts = server_config.read_banners(cfg)
         privsep.helper_source = _monitor.start_helper
         privsep.pty_owner = _monitor.own_pty
         audit.configure(cfg.audit_log)  # opened as root; the descriptor stays writable after the drop

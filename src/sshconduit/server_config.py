@@ -7,10 +7,12 @@ for the user, client address and local endpoint to its own policy. Connections n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 from .access import user_groups
 from .aio import SSHConnection
@@ -52,6 +54,18 @@ def policy_from_config(cfg: ServerConfig, trusted_keys: Sequence[keys.PublicKey]
             setattr(policy, name, value)
 
     return ServerPolicy(trusted_keys=tuple(trusted_keys), on_user=on_user, **_policy_values(cfg))  # type: ignore[arg-type]
+
+
+def read_banners(cfg: ServerConfig) -> dict[str, str]:
+    """Every Banner file the config names, main section and Match blocks: a privsep connection process reads
+    them while still root (sshd's monitor reads the banner), since it serves the client unprivileged."""
+    texts: dict[str, str] = {}
+    for path in {cfg.banner, *cfg.match_values("banner")}:
+        if path is None:
+            continue
+        with contextlib.suppress(OSError):
+            texts[path] = Path(path).read_text(errors="replace")
+    return texts
 
 
 def server_options(

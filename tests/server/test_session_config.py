@@ -132,6 +132,17 @@ def test_banner_is_the_one_match_chose(server, keyset, tmp_path):
     assert result.returncode == 0 and "general banner" not in result.stderr.decode(errors="replace")
 
 
+@needs_root
+def test_banner_under_privilege_separation_is_read_as_root(conduitd_server, keyset, tmp_path):
+    # the connection process serves the client as nobody: a root-only banner is read before it drops root
+    own = tmp_path / "banner.own"
+    own.write_text("banner for this user\n")
+    own.chmod(0o600)
+    with conduitd_server(f"UsePrivilegeSeparation yes\nMatch User {USER}\n  Banner {own}\n") as daemon:
+        result = run_client(ssh_argv(keyset, daemon.port, "-v", f"{USER}@127.0.0.1", "true"))
+    assert result.returncode == 0 and "banner for this user" in result.stderr.decode(errors="replace")
+
+
 # --- who may log in ---
 
 
@@ -184,7 +195,7 @@ def test_chroot_directory_refuses_the_user(conduitd_server, keyset, tmp_path):
 def test_chroot_directory_warns_in_test_mode(keyset, tmp_path):
     config = tmp_path / "sshd_config"
     config.write_text(f"HostKey {keyset.host_keys['ed25519']}\nMatch User someone\n  ChrootDirectory /srv/jail\n")
-    argv = [sys.executable, "-m", "sshconduit.cli.conduitd", "-t", "-e", "-f", str(config)]
+    argv = [sys.executable, "-m", "sshconduit.cli.conduitd", "-t", "-f", str(config)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env_with_src())
     assert result.returncode == 0, result.stderr
     assert f"{config}:3: ChrootDirectory is not supported: users it applies to are refused login" in result.stderr

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 255
     level = logging.DEBUG if debug else _log_level(cfg.log_level)
-    setup_logging(level, program="conduitd", syslog=not to_stderr and not logfile, logfile=logfile)
+    syslog = not (to_stderr or logfile or test_only or dump)  # -t and -T report to the terminal, as sshd's
+    setup_logging(level, program="conduitd", syslog=syslog, logfile=logfile)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     if dump:

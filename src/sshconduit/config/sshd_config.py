@@ -130,6 +130,17 @@ class ServerConfig:
                     _apply_line(line, values, in_match=True)
         return dataclasses.replace(self, **values)
 
+    def match_values(self, attr: str) -> list[Any]:
+        """The values Match blocks give ``attr``, whichever connections they fit."""
+        found = []
+        for block in self._match_blocks:
+            values: dict[str, Any] = {}
+            for line in block.lines:
+                _apply_line(line, values, in_match=True)
+            if attr in values:
+                found.append(values[attr])
+        return found
+
     def dump(self) -> str:
         """The effective settings one per line, lowercase keyword first, like ``sshd -T``."""
         out: list[str] = []
