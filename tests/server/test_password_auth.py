@@ -44,15 +44,15 @@ def password_user(keyset: KeySet) -> Iterator[pwd.struct_passwd]:
 
 @pytest.fixture
 def conduitd_root(keyset: KeySet, tmp_path: Path):
-    """Factory: conduitd as root with password auth on, ``extra`` lines appended (UsePAM, privsep, ...)."""
+    """Factory: conduitd as root with password auth on, and ``extra`` lines (UsePAM, privsep, ...)."""
 
     def start(extra: str):
         port = free_port()
         config = tmp_path / f"conduitd_config.{port}"
-        config.write_text(
-            f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keyset.host_keys['ed25519']}\n"
+        config.write_text(  # extra first: the first value of a keyword wins
+            extra + f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keyset.host_keys['ed25519']}\n"
             "PasswordAuthentication yes\nKbdInteractiveAuthentication no\nStrictModes no\nPidFile none\n"
-            "MaxAuthTries 3\n" + extra
+            "MaxAuthTries 3\n"
         )
         python = shutil.which("python3") or sys.executable
         argv = [python, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)]
@@ -91,6 +91,18 @@ def test_system_password_login(keyset, tmp_path, conduitd_root, password_user, p
     assert f"Accepted password for {password_user.pw_name}" in output
     assert f"Failed password for {password_user.pw_name}" in output
     assert PASSWORD not in output and "wrong" not in output
+
+
+@pytest.mark.parametrize("privsep", ["no", "yes"])
+def test_keyboard_interactive_through_pam(keyset, tmp_path, conduitd_root, password_user, privsep):
+    kbd_only = ("-o", "PreferredAuthentications=keyboard-interactive", "-o", "PubkeyAuthentication=no")
+    config = f"UsePAM yes\nUsePrivilegeSeparation {privsep}\nKbdInteractiveAuthentication yes\n"
+    with conduitd_root(config) as daemon:
+        good = ssh_with_password(keyset, tmp_path, daemon.port, password_user.pw_name, PASSWORD, *kbd_only)
+        assert good.returncode == 0, good.stderr
+        assert good.stdout.decode().split() == [password_user.pw_name]
+        bad = ssh_with_password(keyset, tmp_path, daemon.port, password_user.pw_name, "wrong", *kbd_only)
+        assert bad.returncode == 255
 
 
 @pytest.mark.parametrize("privsep", ["no", "yes"])
