@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -187,11 +188,43 @@ def conduit_argv(keyset: KeySet, port: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_client(argv: list[str], timeout: float = 30, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+def run_client(
+    argv: list[str], timeout: float = 30, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``env``: variables added to the client's environment (SSH_ASKPASS, ...)."""
     return subprocess.run(
         argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL, capture_output=True,
-        timeout=timeout, env=env_with_src(),
+        timeout=timeout, env={**env_with_src(), **(env or {})},
     )  # fmt: skip
+
+
+KEPT_KEYS = 20  # lines kept in a test user's authorized_keys: concurrent runs each add their own key
+
+
+def ensure_system_user(name: str, key_line: str) -> pwd.struct_passwd:
+    """A system user (made if missing; root only) whose ~/.ssh/authorized_keys holds ``key_line``. A user another
+    run may be using stays, and so do other runs' key lines: remove a throwaway one with ``remove_system_user``."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], capture_output=True, check=False)
+        assert made.returncode in (0, 9), made.stderr  # 9: another run made it just now
+    entry = pwd.getpwnam(name)
+    ssh_dir = Path(entry.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    authorized = ssh_dir / "authorized_keys"
+    lines = authorized.read_text().splitlines() if authorized.exists() else []
+    if key_line not in lines:
+        authorized.write_text("\n".join([*lines[-(KEPT_KEYS - 1) :], key_line]) + "\n")
+    for path, mode in ((ssh_dir, 0o700), (authorized, 0o600)):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(mode)
+    return entry
+
+
+def remove_system_user(name: str) -> None:
+    """Remove a throwaway user and its home (it must run nothing by now)."""
+    subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
 
 
 class EchoServer:

@@ -8,6 +8,7 @@ layer, the connection layer and the per-channel handlers. Everything the core qu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -285,15 +286,47 @@ class SSHConnection(asyncio.Protocol):
                 self.auth_messages.put_nowait(msg)
                 return
         elif self.server_auth is not None and self.channels is None:
-            for event in self.server_auth.handle(msg):
-                if isinstance(event, auth.AuthSucceeded):
-                    self._auth_succeeded(event)
-                elif isinstance(event, auth.AuthFailed):
-                    self._log_auth_failure(event)
+            self._server_auth_events(self.server_auth.handle(msg))
             return
         if 50 <= msg.ID < 80:
             return  # late auth messages after success are ignored (RFC 4252 5.1)
         raise ProtocolError(f"unexpected message {msg.ID}")
+
+    def _server_auth_events(self, events: list[object]) -> None:
+        for event in events:
+            if isinstance(event, auth.AuthSucceeded):
+                self._auth_succeeded(event)
+            elif isinstance(event, auth.AuthFailed):
+                self._log_auth_failure(event)
+            elif isinstance(event, auth.AuthPartial):
+                key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
+                log.info("Partial %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+            elif isinstance(event, auth.PasswordCheck):
+                task = self.loop.create_task(self._check_password(event))
+                self.cleanup_callbacks.append(task.cancel)
+
+    async def _check_password(self, check: auth.PasswordCheck) -> None:
+        """A blocking password check (PAM, crypt, the privsep monitor) in a thread; a failure takes at least
+        FAILED_PASSWORD_MIN_TIME, so guessing stays slow whatever the backend."""
+        assert self.server_auth is not None and self._auth_policy is not None
+        started = time.monotonic()
+        try:
+            check_password = functools.partial(self._auth_policy.check_password, method=check.method)  # type: ignore[call-arg]
+            ok = await self.loop.run_in_executor(None, check_password, check.user, check.password)
+        except Exception as exc:  # a broken backend refuses; its message names no secret (the password is ours)
+            log.error("password check for %s failed: %s", check.user, type(exc).__name__)
+            ok = False
+        if not ok:
+            await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+        if self.core.closed:
+            return
+        try:
+            self._server_auth_events(self.server_auth.password_checked(check, ok))
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except SSHError as exc:
+            self.abort(exc)
+        self._flush()
 
     def _auth_succeeded(self, event: auth.AuthSucceeded) -> None:
         self.user = event.user

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import limits, messages, wire
+from .authmethods import ANY, MethodLists
 from .crypto import keys
 from .errors import DisconnectReason, ProtocolError
 
@@ -103,6 +104,25 @@ class AuthFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthPartial:
+    """A method succeeded but AuthenticationMethods wants more (``Partial publickey for alice from ...``)."""
+
+    user: str
+    method: str
+    key: keys.PublicKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCheck:
+    """A password the policy checks off the event loop (it blocks: PAM, crypt); answer with
+    ``ServerAuth.password_checked``. Messages that arrive meanwhile wait, as sshd handles one request at a time."""
+
+    user: str
+    method: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStarted:
     service: str
 
@@ -130,9 +150,18 @@ class ServerAuth:
         self._service_started = False
         self._failures = 0
         self._kbd_user: str | None = None
+        self._lists: MethodLists | None = None  # AuthenticationMethods progress, from the first request
+        self._used_keys: list[bytes] = []  # publickey,publickey needs two different keys (sshd)
+        self._checking: PasswordCheck | None = None
+        self._waiting: list[messages.Message] = []
         self.user: str | None = None  # set once authenticated
 
     def handle(self, msg: messages.Message) -> list[object]:
+        if self._checking is not None:
+            if len(self._waiting) >= limits.MAX_AUTH_MESSAGES_WAITING:
+                raise ProtocolError("too many authentication requests while a password is checked")
+            self._waiting.append(msg)
+            return []
         if isinstance(msg, messages.ServiceRequest):
             if msg.service != SERVICE_USERAUTH or self._service_started:
                 raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
@@ -148,15 +177,16 @@ class ServerAuth:
         if isinstance(msg, messages.UserauthInfoResponse) and self._kbd_user is not None:
             user, self._kbd_user = self._kbd_user, None
             responses = msg.responses()
-            ok = len(responses) == 1 and self._policy.check_password(user, responses[0])
-            return self._conclude(user, "keyboard-interactive", None, ok)
+            if len(responses) != 1:
+                return self._conclude(user, "keyboard-interactive", None, False)
+            return self._check_password(user, "keyboard-interactive", responses[0])
         raise ProtocolError(f"unexpected message {msg.ID} during authentication")
 
     def _on_request(self, msg: messages.UserauthRequest) -> list[object]:
         if msg.service != SERVICE_CONNECTION:
             raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
         user = msg.user
-        methods = self._policy.allowed_methods(user)  # names the user: Match blocks apply from here
+        methods = self._offered(user)  # names the user: Match blocks apply from here
         if not self._banner_sent:  # as sshd: once, at the first request, the banner Match chose for this user
             self._banner_sent = True
             banner_text = getattr(self._policy, "banner_text", None)
@@ -172,7 +202,7 @@ class ServerAuth:
             password = messages.PasswordAuth.decode(msg.method_data)
             if password.change:
                 return self._conclude(user, "password", None, False)
-            return self._conclude(user, "password", None, self._policy.check_password(user, password.password))
+            return self._check_password(user, "password", password.password)
         if msg.method == "keyboard-interactive":
             self._kbd_user = user
             self._send(messages.UserauthInfoRequest.build("", "", [("Password: ", False)]).encode())
@@ -184,6 +214,10 @@ class ServerAuth:
         try:
             key = keys.parse_public_blob(req.key_blob)
         except Exception:
+            self._fail(user)
+            return []
+        if key.blob in self._used_keys:
+            log.info("refusing previously-used %s key", key.label)
             self._fail(user)
             return []
         # PubkeyAcceptedAlgorithms: the policy's, Match-resolved for this user, else the server's own
@@ -206,7 +240,37 @@ class ServerAuth:
             ok = key.verify(signed, signature, req.algorithm) and self._policy.check_publickey(user, key)
         return self._conclude(user, "publickey", key, ok)
 
+    def _offered(self, user: str) -> list[str]:
+        """The enabled methods AuthenticationMethods lets the client try now (binds the user: Match applies)."""
+        enabled = self._policy.allowed_methods(user)
+        if self._lists is None and enabled:
+            lists = getattr(self._policy, "authentication_methods", ANY)
+            self._lists = MethodLists(lists, lambda method: method in self._policy.allowed_methods(user))
+        return self._lists.offered(enabled) if self._lists is not None else enabled
+
+    def _check_password(self, user: str, method: str, password: str) -> list[object]:
+        if getattr(self._policy, "password_check_blocks", False):
+            self._checking = PasswordCheck(user, method, password)
+            return [self._checking]
+        return self._conclude(user, method, None, self._policy.check_password(user, password))
+
+    def password_checked(self, check: PasswordCheck, ok: bool) -> list[object]:
+        """The answer to a PasswordCheck; then the messages that waited for it. May raise TooManyAuthFailures."""
+        if check is not self._checking:
+            return []
+        self._checking = None
+        events = self._conclude(check.user, check.method, None, ok)
+        while self._waiting and self._checking is None:
+            events.extend(self.handle(self._waiting.pop(0)))
+        return events
+
     def _conclude(self, user: str, method: str, key: keys.PublicKey | None, ok: bool) -> list[object]:
+        if ok and key is not None:
+            self._used_keys.append(key.blob)
+        if ok and self._lists is not None and not self._lists.succeeded(method):
+            offered = [m for m in self._offered(user) if m != "none"]
+            self._send(messages.UserauthFailure(tuple(offered), True).encode())
+            return [AuthPartial(user, method, key)]
         if ok:
             self.user = user
             self._send(messages.UserauthSuccess().encode())
@@ -220,5 +284,5 @@ class ServerAuth:
         return [AuthFailed(user, method, key)]
 
     def _fail(self, user: str) -> None:
-        methods = [m for m in self._policy.allowed_methods(user) if m != "none"]
+        methods = [m for m in self._offered(user) if m != "none"]
         self._send(messages.UserauthFailure(tuple(methods), False).encode())

@@ -16,6 +16,8 @@ MAX_KEX_INIT_WAIT_PACKETS = 64  # non-kex packets we hold back while a rekey run
 
 MAX_AUTH_ATTEMPTS = 6  # sshd's MaxAuthTries default
 LOGIN_GRACE_TIME = 120.0  # seconds before auth must succeed
+MAX_AUTH_MESSAGES_WAITING = 16  # auth messages a client may send while its password is being checked
+FAILED_PASSWORD_MIN_TIME = 2.0  # seconds a failed system password check takes at least (pam_unix's delay)
 
 MAX_CHANNELS = 20000  # channels a peer may have open on one connection
 # conduitd: channels one connection may hold. Each forwarded channel holds a socket; conduitd raises its

@@ -16,6 +16,7 @@ from .config.authorized_keys import AuthorizedKey, KeyOptions, find_authorized_k
 from .config.patterns import match_pattern
 from .crypto import keys
 from .session_policy import ACCEPTED_ENV
+from .system_password import SystemPasswordChecker
 
 log = logging.getLogger("sshconduit.policy")
 
@@ -51,6 +52,7 @@ class ServerPolicy:
     permit_tty: bool = True
     max_sessions: int = 10
     max_auth_tries: int | None = None  # None: the server's own; set when Match may change it per user
+    authentication_methods: Sequence[str] = ("any",)  # AuthenticationMethods lists (authmethods.py)
     client_alive_interval: int = 0
     client_alive_count_max: int = 3
     permit_empty_passwords: bool = False
@@ -150,7 +152,13 @@ class ServerPolicy:
                     return AuthorizedKey(key, KeyOptions(), "", "trusted key")
         return None
 
-    def check_password(self, user: str, password: str) -> bool:
+    @property
+    def password_check_blocks(self) -> bool:
+        """The checker blocks (PAM, crypt): the server calls check_password in a thread."""
+        return bool(getattr(self.password_checker, "blocking", False))
+
+    def check_password(self, user: str, password: str, method: str = "password") -> bool:
+        """``method``: password or keyboard-interactive, for the privsep monitor's AuthenticationMethods."""
         if self.password_checker is None or not self._user_allowed(user):
             return False
         if not password and not self.permit_empty_passwords:
@@ -158,6 +166,8 @@ class ServerPolicy:
         if _is_root(user) and self.permit_root_login != "yes":
             log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin %s)", self.client_address, self.permit_root_login)
             return False
+        if isinstance(self.password_checker, SystemPasswordChecker):
+            return self.password_checker(user, password, self.client_address or "")  # PAM_RHOST
         return self.password_checker(user, password)
 
     def banner_text(self) -> str | None:

@@ -6,9 +6,10 @@ with the socket and one end of a socketpair to its monitor. The child loads the 
 for the host keys' public halves, drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
 monitor, in the root process, answers a small fixed vocabulary: host_keys, sign (the child never holds a private
 key; the first hash signed is the session id), check_publickey (a query), check_signed (the monitor verifies the
-signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once one
-of the last two succeeded, start_helper: the monitor forks the user's helper (privsep.py) and passes its socket to
-the child, which from then on opens the user's sockets and starts the user's sessions through it.
+signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once these
+passed every method AuthenticationMethods asks for, start_helper: the monitor forks the user's helper (privsep.py)
+and passes its socket to the child, which from then on opens the user's sockets and starts the user's sessions
+through it.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ import os
 import pwd
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import privsep
+from . import limits, privsep
 from .auth import publickey_signed_data
+from .authmethods import MethodLists
 from .config.authorized_keys import KeyOptions
 from .crypto import keys
 from .errors import KeyError_
@@ -178,7 +182,10 @@ class Monitor:
         self.policy.client_address = client_address
         self.host_keys = {key.public.blob: key for key in options.host_keys}
         self.session_id: bytes | None = None
-        self.user: str | None = None  # authenticated: set by a verified signature or password only
+        self.user: str | None = None  # authenticated: set once every method AuthenticationMethods asks for passed
+        self.lists: MethodLists | None = None
+        self.used_keys: list[bytes] = []
+        self.password_task: asyncio.Task[None] | None = None
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -196,7 +203,16 @@ class Monitor:
             return
         fds: list[int] = []
         try:
-            reply = self._answer(json.loads(data), fds, received)
+            request = json.loads(data)
+            if isinstance(request, dict) and request.get("op") == "check_password":
+                # PAM and crypt block: answered from a thread; the child waits for this reply before asking more
+                if self.password_task is not None and not self.password_task.done():
+                    log.info("monitor: a second password check before the first was answered")
+                    self.close()
+                    return
+                self.password_task = asyncio.get_running_loop().create_task(self._check_password(request))
+                return
+            reply = self._answer(request, fds, received)
         except (ValueError, KeyError, TypeError, OSError, KeyError_) as exc:
             log.info("monitor: bad request from the connection process: %s", type(exc).__name__)
             reply = {"ok": False}
@@ -229,21 +245,16 @@ class Monitor:
         if op == "check_signed":
             user, alg, blob = str(request["user"]), str(request["alg"]), _unb64(request["key"])
             key = keys.parse_public_blob(blob)
-            if self.session_id is None:
+            if self.session_id is None or blob in self.used_keys:
                 return {"ok": False}
             signed = publickey_signed_data(self.session_id, user, alg, blob)
             ok = key.verify(signed, _unb64(request["signature"]), alg) and self.policy.check_publickey(user, key)
             if not ok:
                 return {"ok": False}
-            self._authenticated(user)
+            self.used_keys.append(blob)
+            self._method_succeeded(user, "publickey")
             options = self.policy.key_options
             return {"ok": True, "options": dataclasses.asdict(options) if options is not None else None}
-        if op == "check_password":
-            user = str(request["user"])
-            ok = self.policy.check_password(user, str(request["password"]))
-            if ok:
-                self._authenticated(user)
-            return {"ok": ok}
         if op == "own_pty" and self.user is not None and len(received) == 1:
             # as sshd's pty_setowner(): only a pty slave, to the authenticated user, group tty, 0620
             if not os.isatty(received[0]) or not os.ttyname(received[0]).startswith("/dev/pts/"):
@@ -267,6 +278,35 @@ class Monitor:
             return {"ok": True}
         return {"ok": False}
 
+    async def _check_password(self, request: dict[str, Any]) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            user, method, password = str(request["user"]), str(request["method"]), str(request["password"])
+            if method in ("password", "keyboard-interactive"):
+                ok = await asyncio.get_running_loop().run_in_executor(None, self.policy.check_password, user, password)
+            if ok:
+                self._method_succeeded(user, method)
+        except (KeyError, TypeError, OSError) as exc:
+            log.info("monitor: bad password request from the connection process: %s", type(exc).__name__)
+            ok = False
+        if not ok:  # here too: a subverted child must not guess faster than an honest one
+            await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+        if self.sock.fileno() >= 0:
+            try:
+                self.sock.send(json.dumps({"ok": ok}).encode())
+            except OSError:
+                self.close()
+
+    def _method_succeeded(self, user: str, method: str) -> None:
+        """Only a login that passed every method AuthenticationMethods asks for may start the user's helper."""
+        if self.lists is None:
+            self.lists = MethodLists(
+                self.policy.authentication_methods, lambda name: name in self.policy.allowed_methods(user)
+            )
+        if self.lists.succeeded(method):
+            self._authenticated(user)
+
     def _authenticated(self, user: str) -> None:
         self.user = user
         if self.on_auth is not None:
@@ -287,10 +327,12 @@ class MonitorClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.lock = threading.Lock()  # a password check runs in a thread: one request and its reply at a time
 
     def call(self, op: str, fds: Sequence[int] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        socket.send_fds(self.sock, [json.dumps({"op": op, **fields}).encode()], fds)
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MONITOR_MESSAGE, 1)
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps({"op": op, **fields}).encode()], fds)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MONITOR_MESSAGE, 1)
         if not data:
             raise ConnectionError("monitor gone")
         return json.loads(data), fds
@@ -345,11 +387,15 @@ class MonitoredPolicy(ServerPolicy):
         self.key_options = KeyOptions(**options) if options is not None else None
         return True
 
-    def check_password(self, user: str, password: str) -> bool:
+    @property
+    def password_check_blocks(self) -> bool:
+        return True  # the monitor answers after its check (PAM) and its failure delay
+
+    def check_password(self, user: str, password: str, method: str = "password") -> bool:
         assert _monitor is not None
         if self.password_checker is None:
             return False
-        reply, _ = _monitor.call("check_password", user=user, password=password)
+        reply, _ = _monitor.call("check_password", user=user, password=password, method=method)
         return bool(reply.get("ok"))
 
 

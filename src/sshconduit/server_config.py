@@ -21,6 +21,7 @@ from .crypto import keys
 from .errors import ConfigError, Disconnected, DisconnectReason
 from .policy import ServerPolicy
 from .server import ServerOptions, make_server_connection
+from .system_password import system_password_checker
 from .transport import TransportConfig
 
 log = logging.getLogger("sshconduit.conduitd")
@@ -34,7 +35,6 @@ _POLICY_FIELDS = tuple(
 NOT_PER_CONNECTION = {
     "log_level": "one log level for the daemon",
     "x11_forwarding": "X11 forwarding is never offered",
-    "authentication_methods": "auth.py's own",
 }
 
 
@@ -53,7 +53,10 @@ def policy_from_config(cfg: ServerConfig, trusted_keys: Sequence[keys.PublicKey]
         for name, value in _policy_values(effective).items():
             setattr(policy, name, value)
 
-    return ServerPolicy(trusted_keys=tuple(trusted_keys), on_user=on_user, **_policy_values(cfg))  # type: ignore[arg-type]
+    checker = system_password_checker(cfg.use_pam, cfg.permit_empty_passwords)  # root: system users' passwords
+    return ServerPolicy(
+        trusted_keys=tuple(trusted_keys), on_user=on_user, password_checker=checker, **_policy_values(cfg)
+    )  # type: ignore[arg-type]
 
 
 def read_banners(cfg: ServerConfig) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     KeySet,
+    ensure_system_user,
     env_with_src,
     free_port,
     run_client,
@@ -33,30 +34,11 @@ ESTABLISHED = "01"  # st column of /proc/net/tcp
 WAIT = 15.0  # seconds any one connection in these tests may take
 
 
-KEPT_KEYS = 20  # lines kept in the test user's authorized_keys: concurrent runs each add their own key
-
-
 @pytest.fixture(scope="module")
 def test_user(keyset: KeySet) -> pwd.struct_passwd:
     """A second system user whose ~/.ssh/authorized_keys holds the test key. Made once and kept: a concurrent run
     may be using it, so neither the user nor another run's key line is removed."""
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        made = subprocess.run(["useradd", "-m", "-s", "/bin/sh", TEST_USER], capture_output=True, check=False)
-        assert made.returncode in (0, 9), made.stderr  # 9: another run made it just now
-    entry = pwd.getpwnam(TEST_USER)
-    ssh_dir = Path(entry.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    authorized = ssh_dir / "authorized_keys"
-    key_line = keyset.authorized_keys.read_text().strip()
-    lines = authorized.read_text().splitlines() if authorized.exists() else []
-    if key_line not in lines:
-        authorized.write_text("\n".join([*lines[-(KEPT_KEYS - 1) :], key_line]) + "\n")
-    for path, mode in ((ssh_dir, 0o700), (authorized, 0o600)):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-        path.chmod(mode)
-    return entry
+    return ensure_system_user(TEST_USER, keyset.authorized_keys.read_text().strip())
 
 
 @pytest.fixture(params=["in-process", "privsep"])

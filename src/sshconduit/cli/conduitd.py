@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import audit, evloop, server_config
+from .. import audit, authmethods, evloop, server_config
 from ..config.sshd_config import ServerConfig, default_server_config, load_server_config
 from ..crypto import keys
 from ..errors import ConfigError, SSHError
@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level, program="conduitd", syslog=syslog, logfile=logfile)
     for warning in cfg.warnings:
         log.warning("%s", warning)
+    problem = authmethods.config_problem(cfg)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 255
     if dump:
         print((server_config.config_for_spec(cfg, spec) if spec is not None else cfg).dump(), end="")
         return 0
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             return None
         for warning in new_cfg.warnings:
             log.warning("%s", warning)
+        problem = authmethods.config_problem(new_cfg)
+        if problem is not None:
+            log.error("%s; keeping the previous configuration", problem)
+            return None
         new_keys = load_host_keys(new_cfg.host_keys, generate_missing=False) or list(host_keys)
         return server_config.Serving(new_cfg, server_options(new_cfg, new_keys, embedded))
 
