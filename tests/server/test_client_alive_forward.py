@@ -77,7 +77,7 @@ def held(port: int) -> bool:
 def test_client_alive_frees_the_port_of_a_stopped_client(peer, keyset, conduitd_server, echo_server):
     with conduitd_server(ALIVE) as daemon:
         with client(client_argv(peer, keyset, daemon.port, echo_server.port)) as proc, stopped_later(proc):
-            found = read_line_matching(proc, rf"Allocated port (\d+) for remote forward to 127\.0\.0\.1:")
+            found = read_line_matching(proc, r"Allocated port (\d+) for remote forward to 127\.0\.0\.1:")
             port = int(found.group(1))
             assert echo_through(port, b"through the allocated port") == b"through the allocated port"
             stop_sending = threading.Event()
