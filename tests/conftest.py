@@ -253,7 +253,7 @@ class EchoServer:
 
     @staticmethod
     def _echo(conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # a peer that resets (a killed client) ends the echo
             while data := conn.recv(262144):
                 conn.sendall(data)
 

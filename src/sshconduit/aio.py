@@ -225,6 +225,13 @@ class SSHConnection(asyncio.Protocol):
         if self._socket is not None:
             self._socket.close()
 
+    def drop(self, description: str) -> None:
+        """close(), then let go of what the peer has not taken: a dead peer never drains the write buffer, and
+        until the socket closes its listeners and channels stay (sshd's process exits at this point)."""
+        self.close(description)
+        if self._socket is not None:
+            self._socket.abort()
+
     def _grace_expired(self) -> None:
         if self.user is None:
             log.info("Timeout before authentication for %s port %d", *self.peername)  # sshd's words

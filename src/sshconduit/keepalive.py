@@ -29,7 +29,7 @@ async def client_alive(conn: SSHConnection, interval: float, count_max: int) -> 
                 continue
             if unanswered >= count_max:
                 log.info("Timeout, client not responding from user %s %s port %d", conn.user, *conn.peername)
-                conn.close("Timeout, client not responding")
+                conn.drop("Timeout, client not responding")
                 return
             unanswered += 1
             sent_at = time.monotonic()

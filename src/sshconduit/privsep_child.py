@@ -35,6 +35,7 @@ from . import limits, privsep
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
 from .config.authorized_keys import KeyOptions
+from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
 from .policy import ServerPolicy
@@ -72,11 +73,11 @@ class PrivsepListener:
         options: ServerOptions,
         child_params: dict[str, Any],
         current: Callable[[], ServerOptions] | None = None,
-        startups: tuple[StartupGate, Callable[[], tuple[int, int, int]]] | None = None,
+        startups: tuple[StartupGate, Callable[[], ServerConfig]] | None = None,
     ) -> None:
         self.options = options
         self.current = current or (lambda: options)  # after SIGHUP: new connections' monitors use the new options
-        self.startups = startups  # MaxStartups: the gate, and the current start:rate:full
+        self.startups = startups  # MaxStartups, PerSourceMaxStartups: the gate, and the current config
         self.child_params = json.dumps(child_params)
         self.sockets: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
@@ -108,18 +109,19 @@ class PrivsepListener:
         except OSError as exc:
             log.error("accept: %s", exc.strerror)
             return
+        release = None  # counted as a startup until authenticated or gone
         if self.startups is not None:
-            gate, limits_now = self.startups
-            if not gate.admit(limits_now()):
-                gate.dropped += 1
+            gate, config_now = self.startups
+            release = gate.enter(str(peer[0]), config_now())
+            if release is None:
                 log.info("drop connection #%d from [%s]:%d past MaxStartups", gate.unauthenticated, peer[0], peer[1])
                 conn.close()
                 return
-        task = asyncio.get_running_loop().create_task(self._run_child(conn, peer))
+        task = asyncio.get_running_loop().create_task(self._run_child(conn, peer, release))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+    async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...], uncount: Callable[[], None] | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         try:
@@ -137,25 +139,18 @@ class PrivsepListener:
         except OSError as exc:
             log.error("cannot start a process for %s: %s", peer[0], exc.strerror)
             ours.close()
+            if uncount is not None:
+                uncount()
             return
         finally:
             conn.close()
             theirs.close()
-        counted = self.startups is not None
-        if self.startups is not None:
-            self.startups[0].unauthenticated += 1
-
-        def uncount() -> None:  # authenticated, or gone: no longer a startup
-            nonlocal counted
-            if counted and self.startups is not None:
-                counted = False
-                self.startups[0].unauthenticated -= 1
-
         monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
         try:
             await process.wait()
         finally:
-            uncount()
+            if uncount is not None:
+                uncount()
             monitor.close()
 
     def close(self) -> None:

@@ -191,7 +191,9 @@ async def listen(options: ServerOptions, factory: Callable[[], SSHConnection] | 
         except OSError as exc:
             for s in servers:
                 s.close()
-            raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {exc.strerror}") from None
+            # asyncio's strerror is "error while attempting to bind on address ...": sshd's plain reason instead
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+            raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {reason}") from None
         for sock in server.sockets:
             addr = sock.getsockname()
             log.info("Server listening on %s port %d.", addr[0], addr[1])

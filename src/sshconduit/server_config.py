@@ -7,11 +7,13 @@ for the user, client address and local endpoint to its own policy. Connections n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .access import user_groups
@@ -25,6 +27,8 @@ from .system_password import system_password_checker
 from .transport import TransportConfig
 
 log = logging.getLogger("sshconduit.conduitd")
+
+SHUTDOWN_WAIT = 5.0  # seconds SIGTERM waits for aborted connections to finish closing (one loop turn, normally)
 
 # Every ServerConfig attribute a ServerPolicy of the same name has: the main section's value, then the
 # connection's Match-resolved one, so a keyword Match can set applies per connection as soon as the policy has it.
@@ -118,12 +122,49 @@ class Serving:
     options: ServerOptions
 
 
+def source_block(address: str, bits: tuple[int, int]) -> str:
+    """The netblock PerSourceNetBlockSize (IPv4 bits, IPv6 bits) puts ``address`` in, as "net/bits"."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address  # not an IP address (a unix socket): a source of its own
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = bits[0] if ip.version == 4 else bits[1]
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
 class StartupGate:
-    """MaxStartups start:rate:full over connections that have not finished authentication."""
+    """MaxStartups start:rate:full over connections that have not finished authentication, and
+    PerSourceMaxStartups over those from one PerSourceNetBlockSize netblock (whichever is lower applies)."""
 
     def __init__(self) -> None:
         self.unauthenticated = 0
         self.dropped = 0
+        self.per_source: dict[str, int] = {}  # netblock -> its unauthenticated connections
+
+    def enter(self, address: str, cfg: ServerConfig) -> Callable[[], None] | None:
+        """Count a new connection from ``address``: its release (call once authenticated or gone; calling it
+        again does nothing), or None when MaxStartups or PerSourceMaxStartups says drop it."""
+        block = source_block(address, cfg.per_source_net_block_size)
+        limit = cfg.per_source_max_startups
+        if not self.admit(cfg.max_startups) or (limit is not None and self.per_source.get(block, 0) >= limit):
+            self.dropped += 1
+            return None
+        self.unauthenticated += 1
+        self.per_source[block] = self.per_source.get(block, 0) + 1
+        counted = True
+
+        def release() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.unauthenticated -= 1
+                self.per_source[block] -= 1
+                if not self.per_source[block]:
+                    del self.per_source[block]
+
+        return release
 
     def admit(self, limits: tuple[int, int, int]) -> bool:
         start, rate, full = limits
@@ -143,26 +184,32 @@ class Daemon:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
         self.gate = StartupGate()
+        self.connections: set[SSHConnection] = set()  # SIGTERM disconnects them
 
     def reload(self, serving: Serving) -> None:
         self.serving = serving  # established connections keep the options and policy they were made with
+
+    async def disconnect_all(self, description: str) -> None:
+        """SIGTERM: disconnect every client without waiting on any (a dead one would never drain); their
+        forwarded sockets close with their channels."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.drop(description)
+        if conns:
+            await asyncio.wait([conn.closed for conn in conns], timeout=SHUTDOWN_WAIT)
 
     def make_connection(self) -> SSHConnection:
         serving = self.serving
         conn = make_server_connection(serving.options)
         made, authed = conn.connection_made_hook, conn.auth_succeeded_hook
-        state = {"counted": False}
-
-        def done_auth() -> None:
-            if state["counted"]:
-                state["counted"] = False
-                self.gate.unauthenticated -= 1
+        release: Callable[[], None] | None = None
 
         def on_made() -> None:
+            nonlocal release
             if made is not None:
                 made()
-            if not self.gate.admit(serving.cfg.max_startups):
-                self.gate.dropped += 1
+            release = self.gate.enter(conn.peername[0], serving.cfg)
+            if release is None:
                 log.info(
                     "drop connection #%d from [%s]:%d on [%s]:%d past MaxStartups",
                     self.gate.unauthenticated,
@@ -172,12 +219,13 @@ class Daemon:
                 )
                 conn.abort(Disconnected(DisconnectReason.TOO_MANY_CONNECTIONS, "past MaxStartups"))
                 return
-            state["counted"] = True
-            self.gate.unauthenticated += 1
-            conn.closed.add_done_callback(lambda _: done_auth())
+            self.connections.add(conn)
+            conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
+            conn.closed.add_done_callback(lambda _, release=release: release())
 
         def on_auth() -> None:
-            done_auth()
+            if release is not None:
+                release()
             if authed is not None:
                 authed()
 

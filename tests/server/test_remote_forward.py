@@ -71,13 +71,18 @@ def remote_tunnel(argv: list[str], port: int, host: str = "127.0.0.1") -> Iterat
 def read_line_matching(proc: subprocess.Popen, pattern: str) -> re.Match[str]:
     """The first output line of a running client that matches, within WAIT seconds."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()  # byte by byte from the fd: a buffered readline would swallow the lines after it
     deadline = time.monotonic() + WAIT
     seen = []
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline().decode(errors="replace")
+        raw = b""
+        while not raw.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            byte = os.read(fd, 1) if ready else b""
+            if not byte:
+                break
+            raw += byte
+        line = raw.decode(errors="replace")
         if not line:
             break
         seen.append(line)

@@ -193,6 +193,10 @@ def test_unsupported_keywords_warn_with_file_and_line() -> None:
         ("MaxAuthTries\n", 'line 1: no argument after keyword "MaxAuthTries"'),
         ("MaxStartups 10:30:5\n", "line 1: Invalid MaxStartups spec."),
         ("MaxStartups 5:30\n", "line 1: Invalid MaxStartups spec."),
+        ("PerSourceMaxStartups -1\n", "line 1: PerSourceMaxStartups integer value too small."),
+        ("PerSourceMaxStartups x\n", "line 1: PerSourceMaxStartups integer value invalid."),
+        ("PerSourceNetBlockSize 33\n", "line 1: Invalid PerSourceNetBlockSize spec."),
+        ("PerSourceNetBlockSize 24:129\n", "line 1: Invalid PerSourceNetBlockSize spec."),
         ("ListenAddress 1.2.3.4:99999\n", "line 1: bad port number"),
         ("Ciphers aes128-ctr,nope\n", "line 1: Bad SSH2 cipher spec 'aes128-ctr,nope'."),
         ("MACs +nope\n", "line 1: Bad SSH2 MAC spec '+nope'."),
@@ -350,6 +354,8 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 LoginGraceTime 1h30m
 ClientAliveInterval 1m
 MaxStartups 7:20:40
+PerSourceMaxStartups 4
+PerSourceNetBlockSize 24
 KbdInteractiveAuthentication no
 UsePAM yes
 X11Forwarding yes
@@ -448,6 +454,8 @@ def test_match_results_match_sshd(tmp_path: Path, host_key: Path, user: str, add
         "AllowTcpForwarding maybe",
         "Port 22 23",
         "MaxStartups 10:30:5",
+        "PerSourceMaxStartups x",
+        "PerSourceNetBlockSize 24:129",
         "Ciphers nope",
         "Match User x\nPort 3",
     ],

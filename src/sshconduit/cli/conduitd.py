@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import getopt
 import logging
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 from .. import audit, authmethods, evloop, server_config
 from ..config.sshd_config import ServerConfig, default_server_config, load_server_config
 from ..crypto import keys
+from ..daemon_listeners import Binder, Closable, Endpoint, ListenerSet
 from ..errors import ConfigError, SSHError
 from ..rlimits import raise_nofile
 from ..server import ServerOptions, listen
@@ -95,45 +98,78 @@ async def serve(
     privsep_params: dict[str, object] | None = None,
 ) -> None:
     daemon = server_config.Daemon(server_config.Serving(cfg, options))
-    servers: list = []
-    if privsep_params is not None:  # UsePrivilegeSeparation: a process per connection (privsep_child.py)
-        from ..privsep_child import PrivsepListener
-
-        startups = (daemon.gate, lambda: daemon.serving.cfg.max_startups)
-        listener = PrivsepListener(options, privsep_params, lambda: daemon.serving.options, startups)
-        await listener.start()
-        servers.append(listener)
-    else:
-        servers = await listen(options, daemon.make_connection)
+    listeners = ListenerSet(_binder(daemon, options, privsep_params))
+    await listeners.start(cfg.listen_endpoints())
     stop = asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
+    reloads: set[asyncio.Task[None]] = set()
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(daemon, reload))
-    if cfg.pid_file and cfg.pid_file != "none":
+        one_at_a_time = asyncio.Lock()
+
+        def on_hup() -> None:
+            task = loop.create_task(_reload(daemon, listeners, reload, one_at_a_time))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    pid_file = cfg.pid_file if cfg.pid_file and cfg.pid_file != "none" else None
+    if pid_file is not None:
         try:
-            Path(cfg.pid_file).write_text(f"{os.getpid()}\n")
+            Path(pid_file).write_text(f"{os.getpid()}\n")
         except OSError as exc:
-            log.warning('Couldn\'t create pid file "%s": %s', cfg.pid_file, exc.strerror)
+            log.warning('Couldn\'t create pid file "%s": %s', pid_file, exc.strerror)
+            pid_file = None
     await stop.wait()
-    log.info("Received signal; terminating.")
-    for server in servers:
-        server.close()
+    log.info("Received signal %d; terminating.", received[0])
+    for task in reloads:
+        task.cancel()
+    listeners.close()
+    await daemon.disconnect_all("Received signal; terminating.")
+    if pid_file is not None:  # as sshd: the pid file goes with the daemon
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
 
 
-def _reload(daemon: server_config.Daemon, reload: Callable[[], server_config.Serving | None]) -> None:
-    """SIGHUP: new connections get the re-read config; a bad file leaves the old one in force."""
-    log.info("Received SIGHUP; reloading configuration.")
-    serving = reload()
-    if serving is None:
-        return
-    old = daemon.serving.cfg
-    if serving.cfg.listen_endpoints() != old.listen_endpoints():
-        log.warning("conduitd: ListenAddress/Port changes take effect on restart only")
-    audit.configure(serving.cfg.audit_log)
-    daemon.reload(serving)
-    log.info("Configuration reloaded.")
+def _binder(daemon: server_config.Daemon, options: ServerOptions, privsep_params: dict[str, object] | None) -> Binder:
+    """How one (address, port) is bound: asyncio servers, or with UsePrivilegeSeparation a process per
+    connection (privsep_child.py)."""
+
+    async def bind(endpoint: Endpoint) -> list[Closable]:
+        one = dataclasses.replace(options, listen=[endpoint])
+        if privsep_params is None:
+            return list(await listen(one, daemon.make_connection))
+        from ..privsep_child import PrivsepListener
+
+        listener = PrivsepListener(
+            one, privsep_params, lambda: daemon.serving.options, (daemon.gate, lambda: daemon.serving.cfg)
+        )
+        await listener.start()
+        return [listener]
+
+    return bind
+
+
+async def _reload(
+    daemon: server_config.Daemon,
+    listeners: ListenerSet,
+    reload: Callable[[], server_config.Serving | None],
+    one_at_a_time: asyncio.Lock,
+) -> None:
+    """SIGHUP: new connections get the re-read config and the listeners follow ListenAddress/Port; a bad file,
+    or an address that cannot be bound, leaves the old config in force. Established connections carry on."""
+    async with one_at_a_time:
+        log.info("Received SIGHUP; reloading configuration.")
+        serving = reload()
+        if serving is None:
+            return
+        if not await listeners.rebind(serving.cfg.listen_endpoints()):
+            return
+        audit.configure(serving.cfg.audit_log)
+        daemon.reload(serving)
+        log.info("Configuration reloaded.")
 
 
 def main(argv: list[str] | None = None) -> int:

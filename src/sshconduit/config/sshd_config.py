@@ -69,6 +69,8 @@ class ServerConfig:
     max_auth_tries: int = 6
     max_sessions: int = 10
     max_startups: tuple[int, int, int] = (10, 30, 100)  # start:rate:full
+    per_source_max_startups: int | None = None  # None: no per-source limit ("none")
+    per_source_net_block_size: tuple[int, int] = (32, 128)  # IPv4:IPv6 prefix bits grouped as one source
     login_grace_time: int = 120  # seconds; 0 = no limit
     client_alive_interval: int = 0
     client_alive_count_max: int = 3
@@ -542,6 +544,29 @@ def _max_startups(line: ConfigLine) -> tuple[int, int, int]:
     return (start, rate, full)
 
 
+def _per_source_max_startups(line: ConfigLine) -> int | None:
+    value = _single(line)
+    if value == "none":
+        return None
+    number = value.removeprefix("-")
+    if not number.isdigit():
+        raise LineError("PerSourceMaxStartups integer value invalid.")
+    if value.startswith("-"):
+        raise LineError("PerSourceMaxStartups integer value too small.")
+    return int(number)
+
+
+def _net_block_size(line: ConfigLine) -> tuple[int, int]:
+    parts = _single(line).split(":")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise LineError("Invalid PerSourceNetBlockSize spec.")
+    # one value: sshd 9.2 takes the IPv6 size as 0 (sshd -T prints "24:0"), so do we
+    ipv4, ipv6 = int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+    if ipv4 > 32 or ipv6 > 128:
+        raise LineError("Invalid PerSourceNetBlockSize spec.")
+    return (ipv4, ipv6)
+
+
 def _bind_mask(line: ConfigLine) -> int:
     value = _single(line)
     if not value or any(c not in "01234567" for c in value) or int(value, 8) > 0o777:
@@ -676,6 +701,10 @@ _OPTIONS: dict[str, _Option] = {
     "MaxAuthTries": _Option("max_auth_tries", _int(), in_match=True),
     "MaxSessions": _Option("max_sessions", _int(), in_match=True),
     "MaxStartups": _Option("max_startups", _max_startups, "last", dump=lambda v, cfg: [":".join(str(n) for n in v)]),
+    "PerSourceMaxStartups": _Option("per_source_max_startups", _per_source_max_startups, "last"),
+    "PerSourceNetBlockSize": _Option(
+        "per_source_net_block_size", _net_block_size, "last", dump=lambda v, cfg: [f"{v[0]}:{v[1]}"]
+    ),
     "LoginGraceTime": _Option("login_grace_time", _time),
     "ClientAliveInterval": _Option("client_alive_interval", _time, in_match=True),
     "ClientAliveCountMax": _Option("client_alive_count_max", _int(), in_match=True),
@@ -734,9 +763,8 @@ FingerprintHash GSSAPICleanupCredentials GSSAPICleanupCreds GSSAPIKexAlgorithms 
 GSSAPIStoreCredentialsOnRekey GSSAPIStrictAcceptorCheck GSSAPIUseSessionCredCache
 GSSUseSessionCCache HostCertificate HostDSAKey HostKeyAgent IgnoreUserKnownHosts KerberosGetAFSToken
 KerberosOrLocalPasswd KerberosTgtPassing KerberosTicketCleanup KeyRegenerationInterval LogVerbose
-ModuliFile PAMAuthenticationViaKbdInt PermitBlacklistedKeys PerSourceMaxStartups
-PerSourceNetBlockSize Protocol RequiredRSASize ReverseMappingCheck RhostsAuthentication
-RhostsRSAAuthentication RSAAuthentication SecurityKeyProvider ServerKeyBits ShowPatchLevel
+ModuliFile PAMAuthenticationViaKbdInt PermitBlacklistedKeys Protocol RequiredRSASize ReverseMappingCheck
+RhostsAuthentication RhostsRSAAuthentication RSAAuthentication SecurityKeyProvider ServerKeyBits ShowPatchLevel
 SkeyAuthentication UseLogin VerifyReverseMapping VersionAddendum
 XAuthLocation
 """
