@@ -97,6 +97,7 @@ class SSHConnection(asyncio.Protocol):
         self._grace_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None
         self._flush_scheduled = False
+        self._batch_end: list[Callable[[], None]] = []  # run once the events of one read are handled
         self.peername: tuple[str, int] = ("?", 0)
         self.local_address = "?"
         self.local_port = 0
@@ -256,6 +257,14 @@ class SSHConnection(asyncio.Protocol):
                     self._socket.close()
             elif isinstance(event, messages.Message):
                 self._handle_message(event)
+        if self._batch_end:
+            callbacks, self._batch_end = self._batch_end, []
+            for callback in callbacks:
+                callback()
+
+    def at_batch_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the packets of the current read are handled (a bridge writes them in one go)."""
+        self._batch_end.append(callback)
 
     def _check_host_key(self, event: HostKeyReceived) -> None:
         if self._host_key_checker is not None:

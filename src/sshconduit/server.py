@@ -45,11 +45,13 @@ class ServerConnectionHandler:
         self.policy = policy
         self.remote_forwards: remote.RemoteForwards | None = None  # made on the first -R request
         self.helper: privsep.ForwardHelper | None = None  # root serving another user: makes that user's sockets
+        self._helper_needed: bool | None = None  # decided once per connection (a passwd lookup per channel costs)
 
     def _helper(self, conn: SSHConnection) -> privsep.ForwardHelper | None:
         """The user's privsep helper when the server is root and the user is not (started on first use)."""
-        if self.helper is None:
+        if self.helper is None and self._helper_needed is not False:
             creds = privsep.credentials_for(conn.user or "")
+            self._helper_needed = creds is not None
             if creds is None:
                 return None
             self.helper = privsep.ForwardHelper(creds)
