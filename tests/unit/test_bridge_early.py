@@ -19,6 +19,18 @@ class FakeSocket:
     def resume_reading(self) -> None:
         self.calls.append("resume")
 
+    def write(self, data: bytes) -> None:
+        self.calls.append(f"write {data!r}")
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.calls.append(f"writelines {b''.join(parts)!r}")
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("eof")
+
 
 class FakeConnection:
     """Takes at most ``window`` bytes of channel data, like a peer's window."""
@@ -27,6 +39,19 @@ class FakeConnection:
         self.window = window
         self.sent: list[bytes] = []
         self.eofs = 0
+        self.batch_end: list = []
+        self.consumed_bytes = 0
+
+    def at_batch_end(self, callback) -> None:  # type: ignore[no-untyped-def]
+        self.batch_end.append(callback)
+
+    def end_batch(self) -> None:
+        callbacks, self.batch_end = self.batch_end, []
+        for callback in callbacks:
+            callback()
+
+    def consumed(self, channel_id: int, nbytes: int) -> None:
+        self.consumed_bytes += nbytes
 
     def send_data(self, channel_id: int, data: bytes | memoryview) -> int:
         n = min(len(data), self.window)
@@ -91,3 +116,17 @@ def test_early_bytes_beyond_the_peer_window_wait_for_window_adjust() -> None:
     assert b"".join(conn.sent) == b"0123456789abcdef"
     assert conn.eofs == 1
     assert sock.calls == ["pause"]  # the socket already sent EOF: nothing to resume
+
+
+def test_the_packets_of_one_read_reach_the_socket_in_one_write_and_before_the_eof() -> None:
+    bridge, sock, conn = make_bridge(window=1 << 30)
+    for part in (b"one ", b"two ", b"three"):
+        bridge.data_received(part, None)
+    assert sock.calls == []  # nothing written per packet
+    conn.end_batch()
+    assert sock.calls == ["writelines b'one two three'"]
+    assert conn.consumed_bytes == len(b"one two three")
+    bridge.data_received(b"last", None)
+    bridge.eof_received()  # EOF in the same read: the data goes out first
+    conn.end_batch()
+    assert sock.calls[1:] == ["write b'last'", "eof"]
