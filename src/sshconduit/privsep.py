@@ -6,6 +6,7 @@ first forward): it creates and connects (or binds) the socket and passes the des
 SOCK_SEQPACKET socketpair with SCM_RIGHTS, so the kernel checks the user's rights (unix socket modes, ports
 below 1024) and the socket is owned by the user's uid. The event loop never blocks: the helper does the
 blocking connect in a thread of its own, and the server awaits the reply on a non-blocking socket.
+With a ChrootDirectory both enter the jail as root just before the ids drop (chroot.py).
 """
 
 from __future__ import annotations
