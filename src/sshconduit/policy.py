@@ -64,7 +64,7 @@ class ServerPolicy:
     subsystems: Mapping[str, str] = field(default_factory=dict)
     banner: str | None = None  # Banner: a file, read when the user is known (Match may change it)
     banner_texts: Mapping[str, str] = field(default_factory=dict)  # files read ahead by a privsep process
-    chroot_directory: str | None = None  # not implemented: a user it applies to is refused, never served unjailed
+    chroot_directory: str | None = None  # ChrootDirectory, tokens unexpanded (chroot.py)
     serving_uid: int = field(default_factory=os.getuid)
     client_address: str | None = None
     local_address: str | None = None
@@ -98,9 +98,6 @@ class ServerPolicy:
         reason = access_denial(
             user, self.client_address, self.allow_users, self.deny_users, self.allow_groups, self.deny_groups
         )
-        if reason is None and self.chroot_directory is not None:
-            # fail closed: a session (or a unix socket forward) outside the jail would be weaker than the config
-            reason = f"ChrootDirectory {self.chroot_directory} is set and conduitd does not implement it"
         if reason is not None and not self._denial_logged:
             self._denial_logged = True
             log.info("User %s from %s not allowed because %s", user, self.client_address, reason)

@@ -6,6 +6,7 @@ first forward): it creates and connects (or binds) the socket and passes the des
 SOCK_SEQPACKET socketpair with SCM_RIGHTS, so the kernel checks the user's rights (unix socket modes, ports
 below 1024) and the socket is owned by the user's uid. The event loop never blocks: the helper does the
 blocking connect in a thread of its own, and the server awaits the reply on a non-blocking socket.
+With a ChrootDirectory both enter the jail as root just before the ids drop (chroot.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import limits
+from . import chroot, limits
+from .forward.remote import _listening_socket, _unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
 
@@ -55,26 +57,36 @@ class Credentials:
     gid: int
     groups: tuple[int, ...]
     home: str
+    chroot: str | None = None  # ChrootDirectory, expanded: entered as root just before the ids drop
 
 
-def credentials_for(user: str) -> Credentials | None:
-    """The ids to switch to for ``user``, or None when there is nothing to switch (not root, or the user is root)."""
+def credentials_for(user: str, chroot_directory: str | None = None) -> Credentials | None:
+    """The ids to switch to for ``user``, or None when there is nothing to switch (not root, or the user is root
+    and no ChrootDirectory applies). ``chroot_directory``: the policy's, tokens unexpanded."""
     if helper_source is None and os.geteuid() != 0:
+        if chroot_directory is not None:
+            raise chroot.ChrootError("server lacks privileges to chroot to ChrootDirectory")
         return None
     entry = pwd.getpwnam(user)
-    if entry.pw_uid == 0 and helper_source is None:
+    jail = chroot.chroot_path(chroot_directory, entry)
+    if entry.pw_uid == 0 and helper_source is None and jail is None:
         return None
     groups = tuple(os.getgrouplist(user, entry.pw_gid))
-    return Credentials(user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+    return Credentials(user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir, jail)
 
 
 def drop_privileges(creds: Credentials) -> None:
-    """In a child before exec: become the user for good (groups first, uid last: after it nothing else may change)."""
+    """In a child before exec: become the user for good (groups first, uid last: after it nothing else may change).
+    With a ChrootDirectory the jail is entered first, as root, and the home inside it after, as the user."""
+    if creds.chroot is not None:
+        chroot.enter(creds.chroot)
     os.setgroups(list(creds.groups))
     os.setgid(creds.gid)
     os.setuid(creds.uid)
     if os.getuid() != creds.uid or os.geteuid() != creds.uid:
         raise OSError(errno.EPERM, "setuid failed")
+    if creds.chroot is not None:
+        chroot.enter_home(creds.home)
 
 
 # --- the server's side ---
@@ -91,6 +103,11 @@ class ForwardHelper:
         self._processes: dict[int, HelperProcess] = {}
         self._next_id = 0
         self._closed = False
+
+    def start(self) -> None:
+        """Start the helper now, not at the first request (ChrootDirectory: an unsafe jail ends the login)."""
+        if self._sock is None:
+            self._start()
 
     def _start(self) -> None:
         if helper_source is not None:
@@ -248,6 +265,8 @@ def fork_helper(creds: Credentials) -> tuple[socket.socket, int]:
     # fork without exec: the server's interpreter may live where the user cannot read it (a pyenv under
     # /root). The child touches no event loop; after setuid the kernel makes it non-dumpable, so the user
     # cannot ptrace it or read its memory.
+    if creds.chroot is not None:
+        chroot.check(creds.chroot)  # here, where the caller can log why: the helper cannot
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -293,13 +312,9 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
                 raise
             made = unix
         elif op == "listen_tcp":
-            from .forward.remote import _listening_socket
-
             family, kind, proto = int(request["family"]), int(request["kind"]), int(request["proto"])
             made = _listening_socket(family, kind, proto, tuple(request["sockaddr"]))
         elif op == "listen_unix":
-            from .forward.remote import _unix_listening_socket
-
             made = _unix_listening_socket(str(request["path"]), int(request["mask"]), bool(request["unlink"]))
         else:
             code = errno.EINVAL
@@ -335,16 +350,22 @@ def _helper_child(channel: socket.socket, creds: Credentials) -> NoReturn:
         os.closerange(3, keep)
         os.closerange(keep + 1, MAX_FD)
         os.chdir("/")
-        "localhost".encode("idna")  # getaddrinfo's codec loads lazily: from a tree the user may not read
-        drop_privileges(creds)
-        _serve(channel)
+        # lazy imports would read the server's tree: the user may not, and inside a ChrootDirectory it is gone
+        "localhost".encode("idna")  # getaddrinfo's codec
+        drop_privileges(creds)  # enters the ChrootDirectory, if any
+        _serve(channel, creds)
     except BaseException:
         os._exit(1)
     os._exit(0)
 
 
 def _spawn(
-    channel: socket.socket, send_lock: threading.Lock, request: dict[str, Any], fds: list[int], children: dict
+    channel: socket.socket,
+    send_lock: threading.Lock,
+    request: dict[str, Any],
+    fds: list[int],
+    children: dict,
+    creds: Credentials,
 ) -> None:
     """Start a session's process (its own session; with a pty, that terminal controls it), report its exit."""
     code, pid = 0, 0
@@ -357,7 +378,8 @@ def _spawn(
             stdout=fds[1],
             stderr=fds[2],
             env={str(k): str(v) for k, v in dict(request["env"]).items()},
-            cwd=str(request["cwd"]),
+            # in a jail the connection process's answer (outside it) means nothing: ask here, as the user
+            cwd=chroot.session_cwd(creds.home) if creds.chroot is not None else str(request["cwd"]),
             start_new_session=not pty,
             preexec_fn=_take_terminal if pty else None,
         )
@@ -389,7 +411,7 @@ def _reply(channel: socket.socket, send_lock: threading.Lock, reply: dict[str, A
         channel.send(json.dumps(reply).encode())
 
 
-def _serve(channel: socket.socket) -> None:
+def _serve(channel: socket.socket, creds: Credentials) -> None:
     """Serve requests until the server closes its end; then hang up the sessions still running."""
     send_lock = threading.Lock()
     children: dict[int, subprocess.Popen] = {}
@@ -406,7 +428,8 @@ def _serve(channel: socket.socket) -> None:
             request = None
         op = request.get("op") if isinstance(request, dict) else None
         if op == "spawn" and len(fds) == 3:
-            threading.Thread(target=_spawn, args=(channel, send_lock, request, fds, children), daemon=True).start()
+            spawn_args = (channel, send_lock, request, fds, children, creds)
+            threading.Thread(target=_spawn, args=spawn_args, daemon=True).start()
             continue
         for fd in fds:
             os.close(fd)

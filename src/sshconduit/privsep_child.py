@@ -34,6 +34,7 @@ from typing import Any
 from . import limits, privsep
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
+from .chroot import ChrootError, chroot_path
 from .config.authorized_keys import KeyOptions
 from .config.sshd_config import ServerConfig
 from .crypto import keys
@@ -124,6 +125,7 @@ class PrivsepListener:
     async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...], uncount: Callable[[], None] | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        local = conn.getsockname()  # Match LocalAddress/LocalPort: the monitor must resolve Match as the child does
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -146,6 +148,7 @@ class PrivsepListener:
             conn.close()
             theirs.close()
         monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
+        monitor.policy.local_address, monitor.policy.local_port = str(local[0]), int(local[1])
         try:
             await process.wait()
         finally:
@@ -265,8 +268,13 @@ class Monitor:
         if op == "start_helper" and self.user is not None:
             entry = pwd.getpwnam(self.user)
             groups = tuple(os.getgrouplist(self.user, entry.pw_gid))
-            creds = privsep.Credentials(self.user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
-            helper_sock, pid = privsep.fork_helper(creds)
+            try:  # ChrootDirectory as Match set it for this user (the policy bound the user when it authenticated)
+                jail = chroot_path(self.policy.chroot_directory, entry)
+                creds = privsep.Credentials(self.user, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir, jail)
+                helper_sock, pid = privsep.fork_helper(creds)
+            except ChrootError as exc:
+                log.error("%s", exc)
+                return {"ok": False}
             privsep.reap_later(pid)
             fds.append(os.dup(helper_sock.fileno()))
             helper_sock.close()

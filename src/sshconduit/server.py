@@ -10,10 +10,10 @@ import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import audit, connection, keepalive, limits, privsep, session_policy
+from . import audit, chroot, connection, keepalive, limits, privsep, session_policy
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
-from .errors import ChannelOpenError
+from .errors import ChannelOpenError, Disconnected, DisconnectReason
 from .forward import direct, remote
 from .forward.bridge import StreamBridge
 from .policy import ServerPolicy
@@ -50,7 +50,7 @@ class ServerConnectionHandler:
     def _helper(self, conn: SSHConnection) -> privsep.ForwardHelper | None:
         """The user's privsep helper when the server is root and the user is not (started on first use)."""
         if self.helper is None and self._helper_needed is not False:
-            creds = privsep.credentials_for(conn.user or "")
+            creds = privsep.credentials_for(conn.user or "", self.policy.chroot_directory)
             self._helper_needed = creds is not None
             if creds is None:
                 return None
@@ -59,6 +59,20 @@ class ServerConnectionHandler:
             helper = self.helper
             conn.cleanup_callbacks.append(lambda: asyncio.get_running_loop().call_soon(helper.close))
         return self.helper
+
+    def enter_chroot(self, conn: SSHConnection) -> bool:
+        """ChrootDirectory: start the user's helper (it enters the jail) as soon as the user is in, as sshd chroots
+        its post-auth process: an unsafe directory ends the connection now (logged by whoever checked it)."""
+        try:
+            helper = self._helper(conn)
+            if helper is not None:
+                helper.start()
+        except OSError as exc:
+            if isinstance(exc, chroot.ChrootError):
+                log.error("%s", exc)
+            conn.abort(Disconnected(DisconnectReason.BY_APPLICATION, "ChrootDirectory"))  # as sshd: no reason given
+            return False
+        return True
 
     async def open_channel(self, conn: SSHConnection, event: connection.ChannelOpenRequest) -> ChannelHandler:
         kind = event.channel_type
@@ -126,7 +140,9 @@ class ServerConnectionHandler:
             accept_env=self.policy.accept_env,
             subsystems=self.policy.subsystems,
             # a root server drops to the user in the child; a privsep connection process asks the user's helper
-            credentials=None if privsep.helper_source is not None else privsep.credentials_for(user),
+            credentials=None
+            if privsep.helper_source is not None
+            else privsep.credentials_for(user, self.policy.chroot_directory),
             spawner=helper.spawn if privsep.helper_source is not None and (helper := self._helper(conn)) else None,
         )
 
@@ -163,9 +179,12 @@ def make_server_connection(options: ServerOptions) -> SSHConnection:
         policy.local_address, policy.local_port = conn.local_address, conn.local_port
 
     conn.connection_made_hook = made
-    conn.auth_succeeded_hook = lambda: keepalive.start(
-        conn, policy.client_alive_interval, policy.client_alive_count_max
-    )
+
+    def authenticated() -> None:
+        if policy.chroot_directory is None or handler.enter_chroot(conn):
+            keepalive.start(conn, policy.client_alive_interval, policy.client_alive_count_max)
+
+    conn.auth_succeeded_hook = authenticated
     return conn
 
 

@@ -364,7 +364,8 @@ class ServerSession(ChannelHandler):
                     stdout=stdio[1],
                     stderr=stdio[2],
                     env=env,
-                    cwd=cwd,
+                    # in a ChrootDirectory the preexec enters the jail, then the home inside it (drop_privileges)
+                    cwd=None if self.credentials is not None and self.credentials.chroot is not None else cwd,
                     start_new_session=self.pty is None,  # else the preexec makes the session itself
                     preexec_fn=preexec,
                 )

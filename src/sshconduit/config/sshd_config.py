@@ -378,11 +378,6 @@ def _apply_line(line: ConfigLine, values: dict[str, Any], *, in_match: bool, war
         value = option.parse(line)
     except LineError as exc:
         raise line.error(str(exc)) from None
-    if option.attr == "chroot_directory" and value is not None and warnings is not None:
-        warnings.append(
-            f"conduitd: {line.source}:{line.lineno}: ChrootDirectory is not supported: "
-            "users it applies to are refused login"
-        )
     if option.mode == "append":
         values[option.attr] = [*values.get(option.attr, []), *value]
     elif option.mode == "last":
