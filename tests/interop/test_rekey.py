@@ -45,7 +45,9 @@ def test_conduit_initiates_rekeys_against_sshd(big_file, keyset, openssh_server)
                             f"cat {shlex.quote(str(path))}")  # fmt: skip
         digest, log = stream_digest(argv)
     assert digest == expected
-    assert log.count("debug1: rekeying") >= 10  # 200 MiB in, 16 MiB a key
+    # 200 MiB in, 16 MiB a key: 12 at most; what is in flight while each exchange runs (socket buffers and the
+    # 2 MiB window, more on a loaded machine) passes under the old key, so fewer; none without volume rekeying.
+    assert log.count("debug1: rekeying") >= 6
 
 
 def test_sshd_initiates_rekeys_against_conduit(big_file, keyset, openssh_server):
