@@ -9,6 +9,7 @@ import pwd
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import audit
 from .access import access_denial
@@ -17,6 +18,9 @@ from .config.patterns import match_pattern
 from .crypto import keys
 from .session_policy import ACCEPTED_ENV
 from .system_password import SystemPasswordChecker
+
+if TYPE_CHECKING:
+    from .pam_kbdint import KbdExchange
 
 log = logging.getLogger("sshconduit.policy")
 
@@ -169,6 +173,38 @@ class ServerPolicy:
         if isinstance(self.password_checker, SystemPasswordChecker):
             return self.password_checker(user, password, self.client_address or "")  # PAM_RHOST
         return self.password_checker(user, password)
+
+    # --- UsePAM (pam_kbdint.py, pam_session.py) ---
+
+    @property
+    def use_pam(self) -> bool:
+        """UsePAM yes in a root server: PAM asks keyboard-interactive's questions and checks every login."""
+        return isinstance(self.password_checker, SystemPasswordChecker) and self.password_checker.use_pam
+
+    @property
+    def kbd_interactive_conversation(self) -> bool:
+        return self.use_pam
+
+    def kbd_interactive_exchange(self, user: str) -> KbdExchange:
+        """PAM's conversation for ``user``; a user who may not log in gets the same first question, then fails."""
+        from .pam_kbdint import PamExchange, RefusedExchange
+
+        if self.password_checker is None or not self._user_allowed(user):
+            return RefusedExchange()
+        if _is_root(user) and self.permit_root_login != "yes":
+            log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin %s)", self.client_address, self.permit_root_login)
+            return RefusedExchange()
+        return PamExchange(user, self.client_address or "", self.permit_empty_passwords)
+
+    def account_check_needed(self, method: str) -> bool:
+        """sshd's do_pam_account after a login PAM's authentication did not already check."""
+        return self.use_pam and method not in ("password", "keyboard-interactive")
+
+    def check_account(self, user: str) -> bool:
+        """pam_acct_mgmt (blocks: the server calls it in a thread)."""
+        from .pam_session import check_account
+
+        return check_account(user, self.client_address or "")
 
     def banner_text(self) -> str | None:
         """The Banner file's text for this connection (Match applied), read when the user is known."""
