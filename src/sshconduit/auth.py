@@ -336,11 +336,11 @@ class ServerAuth:
         if isinstance(round_, KbdPrompts):
             self._kbd_user = step.user
             self._send(messages.UserauthInfoRequest.build("", round_.instruction, list(round_.prompts)).encode())
-            return []
+            return self._after_check([])
         if round_.instruction:  # RFC 4256 3.2: a request with no prompts shows the text; its reply is empty
             self._kbd_user, self._kbd_verdict = step.user, round_.ok
             self._send(messages.UserauthInfoRequest.build("", round_.instruction, []).encode())
-            return []
+            return self._after_check([])
         return self._after_check(self._conclude(step.user, "keyboard-interactive", None, round_.ok))
 
     def account_checked(self, check: AccountCheck, ok: bool) -> list[object]:

@@ -1,0 +1,111 @@
+"""keyboard-interactive driven by the policy's conversation (UsePAM) in the sans-IO server auth: each round's
+prompts and echo flags go out as INFO_REQUEST, answers go back to the conversation, a last message is shown in
+a round without prompts, a new request abandons it; a key login waits for the account check."""
+
+from __future__ import annotations
+
+import pytest
+
+from sshconduit import auth, messages
+from sshconduit.crypto import keys
+
+SESSION_ID = b"S" * 32
+ALG = "ssh-ed25519"
+
+
+class ConversationPolicy:
+    kbd_interactive_conversation = True
+
+    def __init__(self, good_keys: list[keys.PublicKey] = ()) -> None:  # type: ignore[assignment]
+        self.good_keys = [k.blob for k in good_keys]
+
+    def allowed_methods(self, user: str) -> list[str]:
+        return ["publickey", "keyboard-interactive"]
+
+    def check_publickey(self, user: str, key: keys.PublicKey) -> bool:
+        return key.blob in self.good_keys
+
+    def check_password(self, user: str, password: str) -> bool:
+        return False
+
+    def account_check_needed(self, method: str) -> bool:
+        return method == "publickey"
+
+
+def server(policy: ConversationPolicy) -> tuple[auth.ServerAuth, list[messages.Message]]:
+    sent: list[messages.Message] = []
+    server_auth = auth.ServerAuth(lambda payload: sent.append(messages.decode_message(payload)), SESSION_ID, policy)
+    server_auth.handle(messages.ServiceRequest(auth.SERVICE_USERAUTH))
+    sent.clear()
+    return server_auth, sent
+
+
+def kbd_request() -> messages.Message:
+    return messages.decode_message(auth.keyboard_interactive_request("alice").encode())
+
+
+def info_request(sent: list[messages.Message]) -> messages.UserauthInfoRequest:
+    return messages.decode_as(messages.UserauthInfoRequest, sent[-1].encode())
+
+
+def test_rounds_carry_prompts_echo_flags_and_text() -> None:
+    server_auth, sent = server(ConversationPolicy())
+    (start,) = server_auth.handle(kbd_request())
+    assert isinstance(start, auth.KbdInteractiveStep) and start.responses is None
+    first = auth.KbdPrompts("Welcome", (("Password: ", False),))
+    assert server_auth.kbd_interactive_round(start, first) == []
+    request = info_request(sent)
+    assert request.instruction == "Welcome" and request.prompts() == [("Password: ", False)]
+    (step,) = server_auth.handle(messages.UserauthInfoResponse.build(["hunter2"]))
+    assert isinstance(step, auth.KbdInteractiveStep) and step.responses == ("hunter2",)
+    assert "hunter2" not in repr(step)
+    second = auth.KbdPrompts("", (("Token: ", True), ("PIN: ", False)))
+    server_auth.kbd_interactive_round(step, second)
+    assert info_request(sent).prompts() == [("Token: ", True), ("PIN: ", False)]
+    (step,) = server_auth.handle(messages.UserauthInfoResponse.build(["123", "4"]))
+    assert step.responses == ("123", "4")
+    # the verdict with a last message: shown in a round without prompts, concluded on its (empty) reply
+    assert server_auth.kbd_interactive_round(step, auth.KbdFinished(True, "Last login: never")) == []
+    assert info_request(sent).instruction == "Last login: never" and info_request(sent).prompts() == []
+    events = server_auth.handle(messages.UserauthInfoResponse.build([]))
+    assert [type(e) for e in events] == [auth.AuthSucceeded] and server_auth.user == "alice"
+
+
+def test_requests_wait_while_the_conversation_runs() -> None:
+    server_auth, sent = server(ConversationPolicy())
+    (start,) = server_auth.handle(kbd_request())
+    assert server_auth.handle(kbd_request()) == []  # waits for the conversation's first round
+    events = server_auth.kbd_interactive_round(start, auth.KbdPrompts("", (("Password: ", False),)))
+    # then it runs: it abandons the questions just asked and starts a new conversation
+    assert [type(e) for e in events] == [auth.KbdInteractiveAbandoned, auth.KbdInteractiveStep]
+    assert len(sent) == 1
+    assert server_auth.kbd_interactive_round(start, auth.KbdFinished(True)) == []  # stale: ignored
+    assert server_auth.user is None
+
+
+def test_a_new_request_abandons_unanswered_questions() -> None:
+    server_auth, sent = server(ConversationPolicy())
+    (start,) = server_auth.handle(kbd_request())
+    server_auth.kbd_interactive_round(start, auth.KbdPrompts("", (("Password: ", False),)))
+    events = server_auth.handle(kbd_request())
+    assert [type(e) for e in events] == [auth.KbdInteractiveAbandoned, auth.KbdInteractiveStep]
+    failed = server_auth.kbd_interactive_round(events[1], auth.KbdFinished(False))
+    assert [type(e) for e in failed] == [auth.AuthFailed]
+    assert sent[-1] == messages.UserauthFailure(("publickey", "keyboard-interactive"), False)
+
+
+def test_key_login_waits_for_the_account_check() -> None:
+    key = keys.generate_private_key("ssh-ed25519")
+    server_auth, sent = server(ConversationPolicy([key.public]))
+    blob = key.public.blob
+    signature = key.sign(auth.publickey_signed_data(SESSION_ID, "alice", ALG, blob), ALG)
+    (check,) = server_auth.handle(auth.publickey_request("alice", ALG, blob, signature))
+    assert isinstance(check, auth.AccountCheck) and sent == [] and server_auth.user is None
+    with pytest.raises(auth.AccountRefused, match="Access denied for user alice by PAM account configuration"):
+        server_auth.account_checked(check, False)
+    assert sent == [] and server_auth.user is None
+
+    server_auth, sent = server(ConversationPolicy([key.public]))
+    (check,) = server_auth.handle(auth.publickey_request("alice", ALG, blob, signature))
+    assert [type(e) for e in server_auth.account_checked(check, True)] == [auth.AuthSucceeded]
+    assert sent == [messages.UserauthSuccess()]
