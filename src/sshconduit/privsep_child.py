@@ -9,7 +9,8 @@ key; the first hash signed is the session id), check_publickey (a query), check_
 signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once these
 passed every method AuthenticationMethods asks for, start_helper: the monitor forks the user's helper (privsep.py)
 and passes its socket to the child, which from then on opens the user's sockets and starts the user's sessions
-through it.
+through it. With UsePAM yes the monitor also runs PAM for the child (pam_monitor.py): the keyboard-interactive
+conversation, the account check a key login needs before start_helper, and the connection's PAM session.
 """
 
 from __future__ import annotations
