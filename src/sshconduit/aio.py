@@ -308,7 +308,8 @@ class SSHConnection(asyncio.Protocol):
                 self._log_auth_failure(event)
             elif isinstance(event, auth.AuthPartial):
                 key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-                log.info("Partial %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+                method = self._method_label(event.method)
+                log.info("Partial %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
             elif isinstance(event, auth.PasswordCheck):
                 task = self.loop.create_task(self._check_password(event))
                 self.cleanup_callbacks.append(task.cancel)
@@ -387,14 +388,22 @@ class SSHConnection(asyncio.Protocol):
         if self._grace_timer:
             self._grace_timer.cancel()
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        log.info("Accepted %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+        method = self._method_label(event.method)
+        log.info("Accepted %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
         self.start_connection_layer()
         if self.auth_succeeded_hook is not None:
             self.auth_succeeded_hook()
 
+    def _method_label(self, method: str) -> str:
+        """sshd's name for a method in the log: keyboard-interactive/pam when PAM asked the questions."""
+        if method == "keyboard-interactive" and getattr(self._auth_policy, "kbd_interactive_conversation", False):
+            return "keyboard-interactive/pam"
+        return method
+
     def _log_auth_failure(self, event: auth.AuthFailed) -> None:
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        log.info("Failed %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+        method = self._method_label(event.method)
+        log.info("Failed %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
 
     def start_connection_layer(self) -> None:
         self.channels = connection.ConnectionLayer(self.send, max_channels=self._max_channels)

@@ -132,7 +132,8 @@ class KbdPrompts:
 
 @dataclass(frozen=True, slots=True)
 class KbdFinished:
-    """The conversation's verdict; ``instruction``: its last messages, shown in a round without prompts."""
+    """The conversation's verdict; ``instruction``: PAM's last messages (a banner on success, else shown in a round
+    without prompts, as sshd)."""
 
     ok: bool
     instruction: str = ""
@@ -201,7 +202,8 @@ class ServerAuth:
         self._used_keys: list[bytes] = []  # publickey,publickey needs two different keys (sshd)
         self._checking: PasswordCheck | KbdInteractiveStep | AccountCheck | None = None  # the policy is busy
         self._kbd_conversation = False  # the client's INFO_RESPONSE goes to the policy's conversation
-        self._kbd_verdict: bool | None = None  # the conversation ended; a last round showed its messages
+        self._kbd_verdict: bool | None = None  # the conversation failed; a last round showed its messages
+        self._kbd_asked = 0  # prompts in the round the client is answering
         self._waiting: list[messages.Message] = []
         self.user: str | None = None  # set once authenticated
 
@@ -226,6 +228,8 @@ class ServerAuth:
         if isinstance(msg, messages.UserauthInfoResponse) and self._kbd_user is not None:
             user, self._kbd_user = self._kbd_user, None
             responses = msg.responses()
+            if self._kbd_conversation and len(responses) != self._kbd_asked:
+                raise ProtocolError("wrong number of keyboard-interactive replies")  # sshd's fatal()
             if self._kbd_verdict is not None:
                 verdict, self._kbd_verdict = self._kbd_verdict, None
                 return self._conclude(user, "keyboard-interactive", None, verdict)
@@ -334,13 +338,15 @@ class ServerAuth:
             return []
         self._checking = None
         if isinstance(round_, KbdPrompts):
-            self._kbd_user = step.user
+            self._kbd_user, self._kbd_asked = step.user, len(round_.prompts)
             self._send(messages.UserauthInfoRequest.build("", round_.instruction, list(round_.prompts)).encode())
             return self._after_check([])
-        if round_.instruction:  # RFC 4256 3.2: a request with no prompts shows the text; its reply is empty
-            self._kbd_user, self._kbd_verdict = step.user, round_.ok
+        if round_.instruction and not round_.ok:  # as sshd: PAM's reason in a round with no prompts (RFC 4256 3.2)
+            self._kbd_user, self._kbd_verdict, self._kbd_asked = step.user, False, 0
             self._send(messages.UserauthInfoRequest.build("", round_.instruction, []).encode())
             return self._after_check([])
+        if round_.instruction:  # as sshd: what PAM said on success goes out as a banner
+            self._send(messages.UserauthBanner(round_.instruction).encode())
         return self._after_check(self._conclude(step.user, "keyboard-interactive", None, round_.ok))
 
     def account_checked(self, check: AccountCheck, ok: bool) -> list[object]:

@@ -222,8 +222,8 @@ def test_pam_conversation_and_session(keyset, tmp_path, conduitd_root, password_
             time.sleep(0.1)
         output = daemon.output()
     assert sessions.read_text().splitlines() == [f"open_session {user}", f"close_session {user}"]
-    assert f"Accepted keyboard-interactive for {user}" in output
-    assert f"Failed keyboard-interactive for {user}" in output
+    assert f"Accepted keyboard-interactive/pam for {user}" in output  # sshd's words
+    assert f"Failed keyboard-interactive/pam for {user}" in output
     assert PASSWORD not in output and SECOND_FACTOR not in output and "wrong second" not in output
 
 

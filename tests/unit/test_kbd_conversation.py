@@ -8,6 +8,7 @@ import pytest
 
 from sshconduit import auth, messages
 from sshconduit.crypto import keys
+from sshconduit.errors import ProtocolError
 
 SESSION_ID = b"S" * 32
 ALG = "ssh-ed25519"
@@ -64,11 +65,29 @@ def test_rounds_carry_prompts_echo_flags_and_text() -> None:
     assert info_request(sent).prompts() == [("Token: ", True), ("PIN: ", False)]
     (step,) = server_auth.handle(messages.UserauthInfoResponse.build(["123", "4"]))
     assert step.responses == ("123", "4")
-    # the verdict with a last message: shown in a round without prompts, concluded on its (empty) reply
-    assert server_auth.kbd_interactive_round(step, auth.KbdFinished(True, "Last login: never")) == []
-    assert info_request(sent).instruction == "Last login: never" and info_request(sent).prompts() == []
-    events = server_auth.handle(messages.UserauthInfoResponse.build([]))
+    # success with a last message: a banner, as sshd
+    events = server_auth.kbd_interactive_round(step, auth.KbdFinished(True, "Last login: never"))
     assert [type(e) for e in events] == [auth.AuthSucceeded] and server_auth.user == "alice"
+    assert sent[-2:] == [messages.UserauthBanner("Last login: never"), messages.UserauthSuccess()]
+
+
+def test_failure_reason_shown_in_a_round_without_prompts() -> None:
+    server_auth, sent = server(ConversationPolicy())
+    (start,) = server_auth.handle(kbd_request())
+    server_auth.kbd_interactive_round(start, auth.KbdPrompts("", (("Password: ", False),)))
+    (step,) = server_auth.handle(messages.UserauthInfoResponse.build(["x"]))
+    assert server_auth.kbd_interactive_round(step, auth.KbdFinished(False, "Account locked")) == []
+    assert info_request(sent).instruction == "Account locked" and info_request(sent).prompts() == []
+    events = server_auth.handle(messages.UserauthInfoResponse.build([]))
+    assert [type(e) for e in events] == [auth.AuthFailed] and server_auth.user is None
+
+
+def test_wrong_number_of_replies_is_a_protocol_error() -> None:
+    server_auth, _sent = server(ConversationPolicy())
+    (start,) = server_auth.handle(kbd_request())
+    server_auth.kbd_interactive_round(start, auth.KbdPrompts("", (("Password: ", False), ("Token: ", True))))
+    with pytest.raises(ProtocolError, match="wrong number"):
+        server_auth.handle(messages.UserauthInfoResponse.build(["only one"]))
 
 
 def test_requests_wait_while_the_conversation_runs() -> None:
