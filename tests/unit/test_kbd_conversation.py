@@ -1,14 +1,24 @@
 """keyboard-interactive driven by the policy's conversation (UsePAM) in the sans-IO server auth: each round's
-prompts and echo flags go out as INFO_REQUEST, answers go back to the conversation, a last message is shown in
-a round without prompts, a new request abandons it; a key login waits for the account check."""
+prompts and echo flags go out as INFO_REQUEST, answers go back to the conversation, PAM's last text is shown,
+a new request abandons it; a key login waits for the account check, in the core and in the privsep monitor."""
 
 from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import socket
+from pathlib import Path
 
 import pytest
 
 from sshconduit import auth, messages
 from sshconduit.crypto import keys
 from sshconduit.errors import ProtocolError
+from sshconduit.policy import ServerPolicy
+from sshconduit.privsep_child import Monitor, _b64
+from sshconduit.server import ServerOptions
+from sshconduit.system_password import SystemPasswordChecker
 
 SESSION_ID = b"S" * 32
 ALG = "ssh-ed25519"
@@ -128,3 +138,50 @@ def test_key_login_waits_for_the_account_check() -> None:
     (check,) = server_auth.handle(auth.publickey_request("alice", ALG, blob, signature))
     assert [type(e) for e in server_auth.account_checked(check, True)] == [auth.AuthSucceeded]
     assert sent == [messages.UserauthSuccess()]
+
+
+class AccountPolicy(ServerPolicy):
+    """UsePAM yes, with pam_acct_mgmt's answer chosen by the test."""
+
+    account_ok = False
+
+    def check_account(self, user: str) -> bool:
+        return self.account_ok
+
+
+async def ask(sock: socket.socket, op: str, **fields: object) -> dict:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, json.dumps({"op": op, **fields}).encode())
+    return json.loads(await asyncio.wait_for(loop.sock_recv(sock, 65536), 5))
+
+
+@pytest.mark.parametrize("account_ok", [False, True])
+def test_monitor_needs_the_account_check_before_a_key_login_counts(tmp_path: Path, account_ok: bool) -> None:
+    user = getpass.getuser()
+    host_key, key = keys.generate_private_key("ssh-ed25519"), keys.generate_private_key("ssh-ed25519")
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(f"{key.public.key_type} {_b64(key.public.blob)}\n")
+    policy = AccountPolicy(authorized_keys_files=(str(authorized),), password_checker=SystemPasswordChecker(True))
+    policy.account_ok = account_ok
+    options = ServerOptions(host_keys=(host_key,), policy=policy)
+
+    async def run() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.setblocking(False)
+        monitor = Monitor(ours, options, "127.0.0.1")
+        try:
+            assert not (await ask(theirs, "check_account", user=user))["ok"]  # nothing to check yet
+            await ask(theirs, "sign", key=_b64(host_key.public.blob), data=_b64(SESSION_ID), alg=ALG)
+            signature = key.sign(auth.publickey_signed_data(SESSION_ID, user, ALG, key.public.blob), ALG)
+            fields = {"user": user, "key": _b64(key.public.blob), "alg": ALG, "signature": _b64(signature)}
+            assert (await ask(theirs, "check_signed", **fields))["ok"]
+            assert monitor.user is None  # the key alone does not start the user's helper
+            assert not (await ask(theirs, "start_helper"))["ok"]
+            assert (await ask(theirs, "check_account", user=user))["ok"] is account_ok
+            assert monitor.user == (user if account_ok else None)
+            assert not (await ask(theirs, "check_account", user=user))["ok"]  # one check per login
+        finally:
+            monitor.close()
+            theirs.close()
+
+    asyncio.run(run())
