@@ -17,7 +17,7 @@ from .config.authorized_keys import AuthorizedKey, KeyOptions, find_authorized_k
 from .config.patterns import match_pattern
 from .crypto import keys
 from .session_policy import ACCEPTED_ENV
-from .system_password import SystemPasswordChecker
+from .system_password import SystemPasswordChecker, shadow_account_expired
 
 if TYPE_CHECKING:
     from .pam_kbdint import KbdExchange
@@ -105,11 +105,18 @@ class ServerPolicy:
         if reason is None and self.chroot_directory is not None:
             # fail closed: a session (or a unix socket forward) outside the jail would be weaker than the config
             reason = f"ChrootDirectory {self.chroot_directory} is set and conduitd does not implement it"
+        if reason is None and self._shadow_expired(user):
+            reason = "account has expired"
         if reason is not None and not self._denial_logged:
             self._denial_logged = True
             log.info("User %s from %s not allowed because %s", user, self.client_address, reason)
             audit.refused(user, self.client_address, "login", "", reason)
         return reason is None
+
+    def _shadow_expired(self, user: str) -> bool:
+        """UsePAM no (root): sshd itself refuses an account /etc/shadow says has expired, whatever the method."""
+        checker = self.password_checker
+        return isinstance(checker, SystemPasswordChecker) and not checker.use_pam and shadow_account_expired(user)
 
     def allowed_methods(self, user: str) -> list[str]:
         if not self.bind_user(user):

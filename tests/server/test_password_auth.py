@@ -227,13 +227,14 @@ def test_pam_conversation_and_session(keyset, tmp_path, conduitd_root, password_
     assert PASSWORD not in output and SECOND_FACTOR not in output and "wrong second" not in output
 
 
-@pytest.mark.parametrize("privsep", ["no", "yes"])
-def test_expired_account_refuses_key_login(keyset, tmp_path, conduitd_root, privsep):
-    """UsePAM yes runs PAM's account stack after a key login too: an expired account is refused."""
+@pytest.mark.parametrize(("pam", "privsep"), [("yes", "no"), ("yes", "yes"), ("no", "yes")])
+def test_expired_account_refuses_key_login(keyset, tmp_path, conduitd_root, pam, privsep):
+    """An expired account is refused a key login too: by PAM's account stack with UsePAM yes (after the key, and
+    the connection drops), by the shadow expiry date without (the user is refused, as sshd's allowed_user)."""
     name = f"conduit-exp-{os.getpid()}"
     entry = ensure_system_user(name, keyset.authorized_keys.read_text().strip())
     try:
-        with conduitd_root(f"UsePAM yes\nUsePrivilegeSeparation {privsep}\n") as daemon:
+        with conduitd_root(f"UsePAM {pam}\nUsePrivilegeSeparation {privsep}\n") as daemon:
             argv = ssh_argv(keyset, daemon.port, f"{entry.pw_name}@127.0.0.1", "id -un")
             before = run_client(argv, timeout=WAIT)
             assert before.returncode == 0, before.stderr
@@ -244,4 +245,8 @@ def test_expired_account_refuses_key_login(keyset, tmp_path, conduitd_root, priv
             output = daemon.output()
     finally:
         remove_system_user(name)
-    assert f"Access denied for user {name} by PAM account configuration" in output
+    if pam == "yes":
+        assert f"Access denied for user {name} by PAM account configuration" in output
+    else:
+        assert b"Permission denied (publickey" in after.stderr
+        assert f"User {name} account has expired" in output
