@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 from . import auth, connection, limits, messages
 from .crypto import keys
@@ -110,6 +110,7 @@ class SSHConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.auth_messages: asyncio.Queue[messages.Message] = asyncio.Queue()
         self.server_auth: auth.ServerAuth | None = None
+        self._kbd_exchange: Any = None  # the policy's keyboard-interactive conversation in progress (PAM)
         self.user: str | None = None
         self.channels: connection.ConnectionLayer | None = None
         self.handlers: dict[int, ChannelHandler] = {}
@@ -316,10 +317,65 @@ class SSHConnection(asyncio.Protocol):
                 self._log_auth_failure(event)
             elif isinstance(event, auth.AuthPartial):
                 key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-                log.info("Partial %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+                method = self._method_label(event.method)
+                log.info("Partial %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
             elif isinstance(event, auth.PasswordCheck):
                 task = self.loop.create_task(self._check_password(event))
                 self.cleanup_callbacks.append(task.cancel)
+            elif isinstance(event, auth.KbdInteractiveStep):
+                task = self.loop.create_task(self._kbd_interactive(event))
+                self.cleanup_callbacks.append(task.cancel)
+            elif isinstance(event, auth.AccountCheck):
+                task = self.loop.create_task(self._check_account(event))
+                self.cleanup_callbacks.append(task.cancel)
+            elif isinstance(event, auth.KbdInteractiveAbandoned) and self._kbd_exchange is not None:
+                self._kbd_exchange.abort()
+                self._kbd_exchange = None
+
+    async def _kbd_interactive(self, step: auth.KbdInteractiveStep) -> None:
+        """One round of the policy's keyboard-interactive conversation (PAM); a failure is delayed as a password's."""
+        assert self.server_auth is not None
+        started = time.monotonic()
+        try:
+            if step.responses is None:
+                if self._kbd_exchange is not None:
+                    self._kbd_exchange.abort()
+                self._kbd_exchange = exchange = self._auth_policy.kbd_interactive_exchange(step.user)  # type: ignore[union-attr]
+                self.cleanup_callbacks.append(exchange.abort)
+                round_: auth.KbdRound = await exchange.start()
+            elif self._kbd_exchange is None:
+                round_ = auth.KbdFinished(False)
+            else:
+                round_ = await self._kbd_exchange.answer(step.responses)
+        except Exception as exc:  # a broken backend refuses; its message names no answer
+            log.error("keyboard-interactive for %s failed: %s", step.user, type(exc).__name__)
+            round_ = auth.KbdFinished(False)
+        if isinstance(round_, auth.KbdFinished):
+            self._kbd_exchange = None
+            if not round_.ok:
+                await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+        self._after_auth_check(lambda: self.server_auth.kbd_interactive_round(step, round_))  # type: ignore[union-attr]
+
+    async def _check_account(self, check: auth.AccountCheck) -> None:
+        """UsePAM: pam_acct_mgmt before a key login is accepted (blocks: in a thread)."""
+        assert self.server_auth is not None and self._auth_policy is not None
+        try:
+            ok = await self.loop.run_in_executor(None, self._auth_policy.check_account, check.user)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error("account check for %s failed: %s", check.user, type(exc).__name__)
+            ok = False
+        self._after_auth_check(lambda: self.server_auth.account_checked(check, ok))  # type: ignore[union-attr]
+
+    def _after_auth_check(self, answer: Callable[[], list[object]]) -> None:
+        if self.core.closed:
+            return
+        try:
+            self._server_auth_events(answer())
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except SSHError as exc:
+            self.abort(exc)
+        self._flush()
 
     async def _check_password(self, check: auth.PasswordCheck) -> None:
         """A blocking password check (PAM, crypt, the privsep monitor) in a thread; a failure takes at least
@@ -334,29 +390,29 @@ class SSHConnection(asyncio.Protocol):
             ok = False
         if not ok:
             await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
-        if self.core.closed:
-            return
-        try:
-            self._server_auth_events(self.server_auth.password_checked(check, ok))
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-        except SSHError as exc:
-            self.abort(exc)
-        self._flush()
+        self._after_auth_check(lambda: self.server_auth.password_checked(check, ok))  # type: ignore[union-attr]
 
     def _auth_succeeded(self, event: auth.AuthSucceeded) -> None:
         self.user = event.user
         if self._grace_timer:
             self._grace_timer.cancel()
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        log.info("Accepted %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+        method = self._method_label(event.method)
+        log.info("Accepted %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
         self.start_connection_layer()
         if self.auth_succeeded_hook is not None:
             self.auth_succeeded_hook()
 
+    def _method_label(self, method: str) -> str:
+        """sshd's name for a method in the log: keyboard-interactive/pam when PAM asked the questions."""
+        if method == "keyboard-interactive" and getattr(self._auth_policy, "kbd_interactive_conversation", False):
+            return "keyboard-interactive/pam"
+        return method
+
     def _log_auth_failure(self, event: auth.AuthFailed) -> None:
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        log.info("Failed %s for %s from %s port %d ssh2%s", event.method, event.user, *self.peername, key)
+        method = self._method_label(event.method)
+        log.info("Failed %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
 
     def start_connection_layer(self) -> None:
         self.channels = connection.ConnectionLayer(self.send, max_channels=self._max_channels)

@@ -16,7 +16,7 @@ from typing import Protocol
 from . import limits, messages, wire
 from .authmethods import ANY, MethodLists
 from .crypto import keys
-from .errors import DisconnectReason, ProtocolError
+from .errors import DisconnectReason, ProtocolError, SSHError
 
 log = logging.getLogger("sshconduit.auth")
 
@@ -123,6 +123,54 @@ class PasswordCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class KbdPrompts:
+    """One keyboard-interactive round a conversation (PAM) asks: RFC 4256 INFO_REQUEST prompts and echo flags."""
+
+    instruction: str
+    prompts: tuple[tuple[str, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KbdFinished:
+    """The conversation's verdict; ``instruction``: PAM's last messages (a banner on success, else shown in a round
+    without prompts, as sshd)."""
+
+    ok: bool
+    instruction: str = ""
+
+
+KbdRound = KbdPrompts | KbdFinished
+
+
+@dataclass(frozen=True, slots=True)
+class KbdInteractiveStep:
+    """keyboard-interactive driven by the policy's conversation: start it (``responses`` None) or hand it the
+    client's answers; answer with ``ServerAuth.kbd_interactive_round``. Messages that arrive meanwhile wait."""
+
+    user: str
+    responses: tuple[str, ...] | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCheck:
+    """UsePAM: the account check (pam_acct_mgmt) sshd runs before accepting a login that PAM did not check;
+    answer with ``ServerAuth.account_checked``."""
+
+    user: str
+    method: str
+    key: keys.PublicKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class KbdInteractiveAbandoned:
+    """The client sent a new request instead of answering the conversation's questions: end the conversation."""
+
+
+class AccountRefused(SSHError):
+    """PAM's account stack refused an authenticated user: sshd drops the connection without a reply."""
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStarted:
     service: str
 
@@ -152,7 +200,10 @@ class ServerAuth:
         self._kbd_user: str | None = None
         self._lists: MethodLists | None = None  # AuthenticationMethods progress, from the first request
         self._used_keys: list[bytes] = []  # publickey,publickey needs two different keys (sshd)
-        self._checking: PasswordCheck | None = None
+        self._checking: PasswordCheck | KbdInteractiveStep | AccountCheck | None = None  # the policy is busy
+        self._kbd_conversation = False  # the client's INFO_RESPONSE goes to the policy's conversation
+        self._kbd_verdict: bool | None = None  # the conversation failed; a last round showed its messages
+        self._kbd_asked = 0  # prompts in the round the client is answering
         self._waiting: list[messages.Message] = []
         self.user: str | None = None  # set once authenticated
 
@@ -177,6 +228,14 @@ class ServerAuth:
         if isinstance(msg, messages.UserauthInfoResponse) and self._kbd_user is not None:
             user, self._kbd_user = self._kbd_user, None
             responses = msg.responses()
+            if self._kbd_conversation and len(responses) != self._kbd_asked:
+                raise ProtocolError("wrong number of keyboard-interactive replies")  # sshd's fatal()
+            if self._kbd_verdict is not None:
+                verdict, self._kbd_verdict = self._kbd_verdict, None
+                return self._conclude(user, "keyboard-interactive", None, verdict)
+            if self._kbd_conversation:
+                self._checking = KbdInteractiveStep(user, tuple(responses))
+                return [self._checking]
             if len(responses) != 1:
                 return self._conclude(user, "keyboard-interactive", None, False)
             return self._check_password(user, "keyboard-interactive", responses[0])
@@ -185,6 +244,13 @@ class ServerAuth:
     def _on_request(self, msg: messages.UserauthRequest) -> list[object]:
         if msg.service != SERVICE_CONNECTION:
             raise ProtocolError(f"service {msg.service!r} not available", DisconnectReason.SERVICE_NOT_AVAILABLE)
+        events: list[object] = []
+        if self._kbd_user is not None and self._kbd_conversation:  # RFC 4256 3.1: a new request ends it
+            events.append(KbdInteractiveAbandoned())
+        self._kbd_user, self._kbd_verdict = None, None
+        return events + self._on_new_request(msg)
+
+    def _on_new_request(self, msg: messages.UserauthRequest) -> list[object]:
         user = msg.user
         methods = self._offered(user)  # names the user: Match blocks apply from here
         if not self._banner_sent:  # as sshd: once, at the first request, the banner Match chose for this user
@@ -204,6 +270,11 @@ class ServerAuth:
                 return self._conclude(user, "password", None, False)
             return self._check_password(user, "password", password.password)
         if msg.method == "keyboard-interactive":
+            if getattr(self._policy, "kbd_interactive_conversation", False):  # PAM asks its own questions
+                self._kbd_conversation = True
+                self._checking = KbdInteractiveStep(user, None)
+                return [self._checking]
+            self._kbd_conversation = False
             self._kbd_user = user
             self._send(messages.UserauthInfoRequest.build("", "", [("Password: ", False)]).encode())
             return []
@@ -259,10 +330,44 @@ class ServerAuth:
         if check is not self._checking:
             return []
         self._checking = None
-        events = self._conclude(check.user, check.method, None, ok)
+        return self._after_check(self._conclude(check.user, check.method, None, ok))
+
+    def kbd_interactive_round(self, step: KbdInteractiveStep, round_: KbdRound) -> list[object]:
+        """The conversation's next questions or its verdict; then the messages that waited. May raise."""
+        if step is not self._checking:
+            return []
+        self._checking = None
+        if isinstance(round_, KbdPrompts):
+            self._kbd_user, self._kbd_asked = step.user, len(round_.prompts)
+            self._send(messages.UserauthInfoRequest.build("", round_.instruction, list(round_.prompts)).encode())
+            return self._after_check([])
+        if round_.instruction and not round_.ok:  # as sshd: PAM's reason in a round with no prompts (RFC 4256 3.2)
+            self._kbd_user, self._kbd_verdict, self._kbd_asked = step.user, False, 0
+            self._send(messages.UserauthInfoRequest.build("", round_.instruction, []).encode())
+            return self._after_check([])
+        if round_.instruction:  # as sshd: what PAM said on success goes out as a banner
+            self._send(messages.UserauthBanner(round_.instruction).encode())
+        return self._after_check(self._conclude(step.user, "keyboard-interactive", None, round_.ok))
+
+    def account_checked(self, check: AccountCheck, ok: bool) -> list[object]:
+        """The answer to an AccountCheck: success, or AccountRefused (sshd's fatal())."""
+        if check is not self._checking:
+            return []
+        self._checking = None
+        if not ok:
+            log.error("Access denied for user %s by PAM account configuration", check.user)  # sshd's words
+            raise AccountRefused(f"Access denied for user {check.user} by PAM account configuration")
+        return self._after_check(self._succeed(check.user, check.method, check.key))
+
+    def _after_check(self, events: list[object]) -> list[object]:
         while self._waiting and self._checking is None:
             events.extend(self.handle(self._waiting.pop(0)))
         return events
+
+    def _succeed(self, user: str, method: str, key: keys.PublicKey | None) -> list[object]:
+        self.user = user
+        self._send(messages.UserauthSuccess().encode())
+        return [AuthSucceeded(user, method, key)]
 
     def _conclude(self, user: str, method: str, key: keys.PublicKey | None, ok: bool) -> list[object]:
         if ok and key is not None:
@@ -272,9 +377,11 @@ class ServerAuth:
             self._send(messages.UserauthFailure(tuple(offered), True).encode())
             return [AuthPartial(user, method, key)]
         if ok:
-            self.user = user
-            self._send(messages.UserauthSuccess().encode())
-            return [AuthSucceeded(user, method, key)]
+            account_check_needed = getattr(self._policy, "account_check_needed", None)
+            if account_check_needed is not None and account_check_needed(method):
+                self._checking = AccountCheck(user, method, key)
+                return [self._checking]
+            return self._succeed(user, method, key)
         self._failures += 1
         # a policy may carry its own limit, set per user (sshd_config Match) once the user is known
         max_tries = getattr(self._policy, "max_auth_tries", None)

@@ -18,6 +18,11 @@ MAX_AUTH_ATTEMPTS = 6  # sshd's MaxAuthTries default
 LOGIN_GRACE_TIME = 120.0  # seconds before auth must succeed
 MAX_AUTH_MESSAGES_WAITING = 16  # auth messages a client may send while its password is being checked
 FAILED_PASSWORD_MIN_TIME = 2.0  # seconds a failed system password check takes at least (pam_unix's delay)
+# UsePAM keyboard-interactive: questions PAM may ask in one attempt (conversation calls that prompt), and how
+# long its thread waits for one answer (LoginGraceTime usually ends the connection first)
+MAX_PAM_ROUNDS = 16
+PAM_ANSWER_TIMEOUT = LOGIN_GRACE_TIME
+PAM_SESSION_TIMEOUT = 30.0  # seconds pam_open_session may take before the session channel is refused
 
 MAX_CHANNELS = 20000  # channels a peer may have open on one connection
 # conduitd: channels one connection may hold. Each forwarded channel holds a socket; conduitd raises its

@@ -9,6 +9,7 @@ import pwd
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import audit
 from .access import access_denial
@@ -16,7 +17,10 @@ from .config.authorized_keys import AuthorizedKey, KeyOptions, find_authorized_k
 from .config.patterns import match_pattern
 from .crypto import keys
 from .session_policy import ACCEPTED_ENV
-from .system_password import SystemPasswordChecker
+from .system_password import SystemPasswordChecker, shadow_account_expired
+
+if TYPE_CHECKING:
+    from .pam_kbdint import KbdExchange
 
 log = logging.getLogger("sshconduit.policy")
 
@@ -98,11 +102,18 @@ class ServerPolicy:
         reason = access_denial(
             user, self.client_address, self.allow_users, self.deny_users, self.allow_groups, self.deny_groups
         )
+        if reason is None and self._shadow_expired(user):
+            reason = "account has expired"
         if reason is not None and not self._denial_logged:
             self._denial_logged = True
             log.info("User %s from %s not allowed because %s", user, self.client_address, reason)
             audit.refused(user, self.client_address, "login", "", reason)
         return reason is None
+
+    def _shadow_expired(self, user: str) -> bool:
+        """UsePAM no (root): sshd itself refuses an account /etc/shadow says has expired, whatever the method."""
+        checker = self.password_checker
+        return isinstance(checker, SystemPasswordChecker) and not checker.use_pam and shadow_account_expired(user)
 
     def allowed_methods(self, user: str) -> list[str]:
         if not self.bind_user(user):
@@ -166,6 +177,38 @@ class ServerPolicy:
         if isinstance(self.password_checker, SystemPasswordChecker):
             return self.password_checker(user, password, self.client_address or "")  # PAM_RHOST
         return self.password_checker(user, password)
+
+    # --- UsePAM (pam_kbdint.py, pam_session.py) ---
+
+    @property
+    def use_pam(self) -> bool:
+        """UsePAM yes in a root server: PAM asks keyboard-interactive's questions and checks every login."""
+        return isinstance(self.password_checker, SystemPasswordChecker) and self.password_checker.use_pam
+
+    @property
+    def kbd_interactive_conversation(self) -> bool:
+        return self.use_pam
+
+    def kbd_interactive_exchange(self, user: str) -> KbdExchange:
+        """PAM's conversation for ``user``; a user who may not log in gets the same first question, then fails."""
+        from .pam_kbdint import PamExchange, RefusedExchange
+
+        if self.password_checker is None or not self._user_allowed(user):
+            return RefusedExchange()
+        if _is_root(user) and self.permit_root_login != "yes":
+            log.info("ROOT LOGIN REFUSED FROM %s (PermitRootLogin %s)", self.client_address, self.permit_root_login)
+            return RefusedExchange()
+        return PamExchange(user, self.client_address or "", self.permit_empty_passwords)
+
+    def account_check_needed(self, method: str) -> bool:
+        """sshd's do_pam_account after a login PAM's authentication did not already check."""
+        return self.use_pam and method not in ("password", "keyboard-interactive")
+
+    def check_account(self, user: str) -> bool:
+        """pam_acct_mgmt (blocks: the server calls it in a thread)."""
+        from .pam_session import check_account
+
+        return check_account(user, self.client_address or "")
 
     def banner_text(self) -> str | None:
         """The Banner file's text for this connection (Match applied), read when the user is known."""

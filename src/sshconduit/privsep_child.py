@@ -9,7 +9,8 @@ key; the first hash signed is the session id), check_publickey (a query), check_
 signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once these
 passed every method AuthenticationMethods asks for, start_helper: the monitor forks the user's helper (privsep.py)
 and passes its socket to the child, which from then on opens the user's sockets and starts the user's sessions
-through it.
+through it. With UsePAM yes the monitor also runs PAM for the child (pam_monitor.py): the keyboard-interactive
+conversation, the account check a key login needs before start_helper, and the connection's PAM session.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import grp
 import json
 import logging
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import limits, privsep
+from . import limits, pam_session, privsep
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
 from .chroot import ChrootError, chroot_path
@@ -39,6 +41,7 @@ from .config.authorized_keys import KeyOptions
 from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
+from .pam_monitor import PAM_OPS, MonitorExchange, PamMonitorOps, monitor_pam_session
 from .policy import ServerPolicy
 from .server import ServerOptions
 from .server_config import StartupGate
@@ -164,7 +167,7 @@ class PrivsepListener:
         self.sockets.clear()
 
 
-class Monitor:
+class Monitor(PamMonitorOps):
     """The root end of one connection's monitor socket: answers the child's few requests."""
 
     def __init__(
@@ -184,6 +187,7 @@ class Monitor:
         self.lists: MethodLists | None = None
         self.used_keys: list[bytes] = []
         self.password_task: asyncio.Task[None] | None = None
+        self._pam_init()
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -202,6 +206,10 @@ class Monitor:
         fds: list[int] = []
         try:
             request = json.loads(data)
+            if isinstance(request, dict) and request.get("op") in PAM_OPS:  # UsePAM: answered from a task
+                if not self.pam_request(request):
+                    self.close()
+                return
             if isinstance(request, dict) and request.get("op") == "check_password":
                 # PAM and crypt block: answered from a thread; the child waits for this reply before asking more
                 if self.password_task is not None and not self.password_task.done():
@@ -308,7 +316,10 @@ class Monitor:
                 self.policy.authentication_methods, lambda name: name in self.policy.allowed_methods(user)
             )
         if self.lists.succeeded(method):
-            self._authenticated(user)
+            if self.policy.account_check_needed(method):
+                self.account_pending = user  # UsePAM: pam_acct_mgmt first (check_account)
+            else:
+                self._authenticated(user)
 
     def _authenticated(self, user: str) -> None:
         self.user = user
@@ -316,6 +327,7 @@ class Monitor:
             self.on_auth()
 
     def close(self) -> None:
+        self.pam_close()
         if self.sock.fileno() >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.sock.fileno())
@@ -401,6 +413,17 @@ class MonitoredPolicy(ServerPolicy):
         reply, _ = _monitor.call("check_password", user=user, password=password, method=method)
         return bool(reply.get("ok"))
 
+    # --- UsePAM: the monitor runs PAM (pam_monitor.py) ---
+
+    def kbd_interactive_exchange(self, user: str) -> MonitorExchange:
+        assert _monitor is not None
+        return MonitorExchange(_monitor.call, user)
+
+    def check_account(self, user: str) -> bool:
+        assert _monitor is not None
+        reply, _ = _monitor.call("check_account", user=user)
+        return bool(reply.get("ok"))
+
 
 def _load_everything() -> None:
     """Import now what the connection will need: after the drop the interpreter's own tree may be unreadable
@@ -459,6 +482,7 @@ def child_main(argv: list[str]) -> None:
         options.policy.banner_texts = server_config.read_banners(cfg)
         privsep.helper_source = _monitor.start_helper
         privsep.pty_owner = _monitor.own_pty
+        pam_session.remote_opener = functools.partial(monitor_pam_session, _monitor.call)
         audit.configure(cfg.audit_log)  # opened as root; the descriptor stays writable after the drop
         _load_everything()
         _drop_to_unprivileged()

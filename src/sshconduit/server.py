@@ -10,7 +10,7 @@ import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import audit, chroot, connection, keepalive, limits, privsep, session_policy
+from . import audit, chroot, connection, keepalive, limits, pam_session, privsep, session_policy
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
 from .errors import ChannelOpenError, Disconnected, DisconnectReason
@@ -46,6 +46,7 @@ class ServerConnectionHandler:
         self.remote_forwards: remote.RemoteForwards | None = None  # made on the first -R request
         self.helper: privsep.ForwardHelper | None = None  # root serving another user: makes that user's sockets
         self._helper_needed: bool | None = None  # decided once per connection (a passwd lookup per channel costs)
+        self.pam_opening: asyncio.Future[dict[str, str]] | None = None  # UsePAM: the session's environment
 
     def _helper(self, conn: SSHConnection) -> privsep.ForwardHelper | None:
         """The user's privsep helper when the server is root and the user is not (started on first use)."""
@@ -77,7 +78,7 @@ class ServerConnectionHandler:
     async def open_channel(self, conn: SSHConnection, event: connection.ChannelOpenRequest) -> ChannelHandler:
         kind = event.channel_type
         if kind == "session":
-            return self._session(conn)
+            return self._session(conn, await self._pam_environment(conn))
         if kind == "direct-tcpip":
             req = direct.decode_direct_tcpip(event.type_data)
             denial = self.policy.local_forwarding_denial(req.host, req.port)
@@ -104,7 +105,21 @@ class ServerConnectionHandler:
             return audit.track(bridge, conn.user, conn.peername[0], kind, path)
         raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")
 
-    def _session(self, conn: SSHConnection) -> ChannelHandler:
+    async def _pam_environment(self, conn: SSHConnection) -> dict[str, str]:
+        """UsePAM: the connection's PAM session, opened as root with the first session channel; its environment."""
+        if not self.policy.use_pam:
+            return {}
+        if self.pam_opening is None:  # one session per connection, as sshd; later channels wait for it
+            opening = pam_session.open_for(conn.user or "", conn.peername[0], conn.cleanup_callbacks)
+            self.pam_opening = asyncio.ensure_future(opening)
+            conn.cleanup_callbacks.append(self.pam_opening.cancel)
+        try:
+            return await asyncio.shield(self.pam_opening)
+        except OSError:
+            log.error("PAM: no session for %s: session refused", conn.user)
+            raise ChannelOpenError(OPEN_PROHIBITED, "open failed") from None
+
+    def _session(self, conn: SSHConnection, pam_env: dict[str, str]) -> ChannelHandler:
         from .session import ServerSession  # sessions are not needed by a forward-only server
 
         user = conn.user or ""
@@ -118,6 +133,7 @@ class ServerConnectionHandler:
             "HOME": entry.pw_dir,
             "SHELL": entry.pw_shell or "/bin/sh",
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            **pam_env,  # as sshd: PAM's environment after its own variables, before the user's
             **session_policy.key_environment(self.policy.permit_user_environment, key_options, user),
             "SSH_CLIENT": f"{conn.peername[0]} {conn.peername[1]} {conn.local_port}",
             "SSH_CONNECTION": f"{conn.peername[0]} {conn.peername[1]} {conn.local_address} {conn.local_port}",

@@ -53,15 +53,22 @@ def shadow_entry(user: str, path: str = SHADOW) -> list[str] | None:
     return None
 
 
+def shadow_account_expired(user: str, path: str = SHADOW) -> bool:
+    """The account's expiry date (shadow field 8) has passed; logs sshd's line."""
+    fields = shadow_entry(user, path)
+    if fields is None or not fields[7].isdigit() or int(fields[7]) > int(time.time()) // SECONDS_PER_DAY:
+        return False
+    log.info("User %s account has expired", user)  # sshd's words
+    return True
+
+
 def check_shadow_password(user: str, password: str, permit_empty: bool, path: str = SHADOW) -> bool:
     """crypt(3) the password with the stored hash's setting and compare; refuse locked and expired accounts."""
     fields = shadow_entry(user, path)
     if fields is None:
         return False
-    stored, last_change, expire = fields[1], fields[2], fields[7]
-    today = int(time.time()) // SECONDS_PER_DAY
-    if expire.isdigit() and int(expire) <= today:
-        log.info("User %s account has expired", user)  # sshd's words
+    stored, last_change = fields[1], fields[2]
+    if shadow_account_expired(user, path):
         return False
     if last_change == "0":
         log.info("User %s must change the password; conduitd cannot", user)
