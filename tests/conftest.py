@@ -313,3 +313,11 @@ def tunnel(argv: list[str], lport: int) -> Iterator[subprocess.Popen]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def keys_file(tmp_path: Path, keyset: KeySet, options: str) -> str:
+    """A Match block pointing this user at an authorized_keys file whose one line carries ``options``."""
+    path = tmp_path / f"authorized_keys.{abs(hash(options))}"
+    path.write_text(f"{options} {(keyset.root / 'id_ed25519.pub').read_text()}")
+    path.chmod(0o600)
+    return f"Match User {USER}\n  AuthorizedKeysFile {path}\n"

@@ -7,10 +7,9 @@ import contextlib
 import json
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
-from conftest import USER, EchoServer, KeySet, env_with_src, free_port, run_client, wait_for_port
+from conftest import USER, EchoServer, KeySet, env_with_src, free_port, keys_file, run_client, wait_for_port
 
 SERVERS = ["conduitd", "openssh"]
 PROHIBITED = "administratively prohibited"
@@ -66,14 +65,6 @@ def assert_prohibited(keyset: KeySet, port: int, dest_port: int) -> None:
 
 def login(keyset: KeySet, port: int, *args: str) -> subprocess.CompletedProcess:
     return run_client(client_argv(keyset, port, *args, command=("true",)))
-
-
-def keys_file(tmp_path: Path, keyset: KeySet, options: str) -> str:
-    """A Match block pointing this user at an authorized_keys file whose one line carries ``options``."""
-    path = tmp_path / f"authorized_keys.{abs(hash(options))}"
-    path.write_text(f"{options} {(keyset.root / 'id_ed25519.pub').read_text()}")
-    path.chmod(0o600)
-    return f"Match User {USER}\n  AuthorizedKeysFile {path}\n"
 
 
 # --- sshd_config forwarding keywords ---

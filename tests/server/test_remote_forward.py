@@ -15,7 +15,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import USER, echo_through, echo_unix, env_with_src, free_port, run_client, ssh_argv, wait_for_port
+from conftest import (
+    USER,
+    echo_through,
+    echo_unix,
+    env_with_src,
+    free_port,
+    keys_file,
+    run_client,
+    ssh_argv,
+    wait_for_port,
+)
 
 import sshconduit
 from sshconduit import limits, messages
@@ -207,6 +217,21 @@ def test_permit_listen_restricts_ports(server, keyset, servers, echo_server):
         assert f"remote port forwarding failed for listen port {other}" in result.stderr.decode()
     if server == "conduitd":
         assert f"remote forward to host localhost port {other}, but the request was denied" in daemon.output()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_authorized_keys_permitlisten_restricts_ports(server, keyset, servers, echo_server, tmp_path):
+    allowed, other = free_port(), free_port()
+    while other == allowed:
+        other = free_port()
+    with servers[server](keys_file(tmp_path, keyset, f'permitlisten="localhost:{allowed}"')) as daemon:
+        with remote_tunnel(remote_argv(keyset, daemon.port, "-N", "-R", f"{allowed}:127.0.0.1:{echo_server.port}"),
+                           allowed):  # fmt: skip
+            assert echo_through(allowed, b"allowed by the key") == b"allowed by the key"
+        result = forward_failure(keyset, daemon, f"{other}:127.0.0.1:{echo_server.port}")
+        assert result.returncode == 255
+        assert f"remote port forwarding failed for listen port {other}" in result.stderr.decode()
+        assert refused("127.0.0.1", other)
 
 
 @pytest.mark.parametrize("server", SERVERS)
