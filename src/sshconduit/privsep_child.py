@@ -1,9 +1,10 @@
 """``UsePrivilegeSeparation yes``: a root conduitd runs each connection in a process of its own that holds no
 privileges while the client is unauthenticated.
 
-The root listener accepts, then starts a fresh interpreter for the connection (no fork of a running event loop)
-with the socket and one end of a socketpair to its monitor. The child loads the configuration, asks the monitor
-for the host keys' public halves, drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
+The root listener accepts, then has the fork server (forkserver.py: an interpreter of its own that loaded the
+configuration and every module, not a fork of the running event loop) fork a process for the connection with the
+socket and one end of a socketpair to its monitor. The child asks the monitor for the host keys' public halves,
+drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
 monitor, in the root process, answers a small fixed vocabulary: host_keys, sign (the child never holds a private
 key; the first hash signed is the session id), check_publickey (a query), check_signed (the monitor verifies the
 signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once these
@@ -25,7 +26,6 @@ import logging
 import os
 import pwd
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +38,7 @@ from .config.authorized_keys import KeyOptions
 from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
+from .forkserver import ForkServer, wait_exit
 from .policy import ServerPolicy
 from .server import ServerOptions
 from .server_config import StartupGate
@@ -48,10 +49,6 @@ MAX_MONITOR_MESSAGE = 65536  # one request on the monitor socket: a key blob and
 LISTEN_BACKLOG = 128
 EXCHANGE_HASH_SIZES = (20, 32, 48, 64)  # SHA-1, SHA-256, SHA-384, SHA-512 exchange hashes
 UNPRIVILEGED_USERS = ("sshd", "nobody")
-CHILD_START = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from sshconduit.privsep_child import child_main; "
-    "child_main(sys.argv[2:])"
-)
 
 
 def _b64(data: bytes) -> str:
@@ -71,14 +68,14 @@ class PrivsepListener:
     def __init__(
         self,
         options: ServerOptions,
-        child_params: dict[str, Any],
+        forkserver: ForkServer,
         current: Callable[[], ServerOptions] | None = None,
         startups: tuple[StartupGate, Callable[[], ServerConfig]] | None = None,
     ) -> None:
         self.options = options
         self.current = current or (lambda: options)  # after SIGHUP: new connections' monitors use the new options
         self.startups = startups  # MaxStartups, PerSourceMaxStartups: the gate, and the current config
-        self.child_params = json.dumps(child_params)
+        self.forkserver = forkserver  # shared by every listen address; makes the connection processes
         self.sockets: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -123,21 +120,10 @@ class PrivsepListener:
 
     async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...], uncount: Callable[[], None] | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                CHILD_START,
-                package_parent,
-                str(conn.fileno()),
-                str(theirs.fileno()),
-                self.child_params,
-                pass_fds=(conn.fileno(), theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            pidfd = await self.forkserver.fork(conn, theirs)
         except OSError as exc:
-            log.error("cannot start a process for %s: %s", peer[0], exc.strerror)
+            log.error("cannot start a process for %s: %s", peer[0], exc.strerror or exc)
             ours.close()
             if uncount is not None:
                 uncount()
@@ -147,8 +133,9 @@ class PrivsepListener:
             theirs.close()
         monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
         try:
-            await process.wait()
+            await wait_exit(pidfd)
         finally:
+            os.close(pidfd)
             if uncount is not None:
                 uncount()
             monitor.close()
@@ -429,20 +416,26 @@ def _drop_to_unprivileged() -> None:
     raise OSError("no unprivileged user (sshd or nobody) to run as")
 
 
-def child_main(argv: list[str]) -> None:
-    """The per-connection process: load the config (as root), shed root, serve the one connection."""
-    global _monitor
-    from . import audit, evloop, server_config
+def load_for_children(params: dict[str, Any]) -> ServerConfig:
+    """In the fork server (root): logging, the configuration, and every import a connection will need."""
     from .cli.logs import setup_logging
     from .config.sshd_config import load_server_config
-    from .server import make_server_connection
 
-    conn_fd, monitor_fd, params = int(argv[0]), int(argv[1]), json.loads(argv[2])
     setup_logging(int(params["level"]), program="conduitd", syslog=False, logfile=params.get("logfile"))
+    cfg = load_server_config(params["config"], list(params["options"]))
+    _load_everything()
+    return cfg
+
+
+def child_setup(cfg: ServerConfig, conn_fd: int, monitor_fd: int) -> tuple[ServerOptions, socket.socket]:
+    """In the forked connection process, still root: what needs root, then shed it before the first client
+    byte is read. Exits the process on failure."""
+    global _monitor
+    from . import audit, server_config
+
     conn = socket.socket(fileno=conn_fd)
     _monitor = MonitorClient(socket.socket(fileno=monitor_fd))
     try:
-        cfg = load_server_config(params["config"], list(params["options"]))
         reply, _ = _monitor.call("host_keys")
         host_keys: list[Any] = [MonitorKey(keys.parse_public_blob(_unb64(b)), _monitor) for b in reply["keys"]]
         options = server_config.server_options(cfg, host_keys, ())
@@ -452,11 +445,17 @@ def child_main(argv: list[str]) -> None:
         privsep.helper_source = _monitor.start_helper
         privsep.pty_owner = _monitor.own_pty
         audit.configure(cfg.audit_log)  # opened as root; the descriptor stays writable after the drop
-        _load_everything()
         _drop_to_unprivileged()
     except Exception as exc:
         log.error("connection process: %s", exc)
         os._exit(1)
+    return options, conn
+
+
+def child_serve(options: ServerOptions, conn: socket.socket) -> None:
+    """The connection process, unprivileged: serve the one connection."""
+    from . import evloop
+    from .server import make_server_connection
 
     async def serve() -> None:
         connection = make_server_connection(options)
