@@ -12,7 +12,8 @@ The fork server never reads a byte from a client and holds no private key (the m
 Its children get the configuration it loaded, as sshd's children get the listener's: when the daemon accepts a
 SIGHUP reload it tells the fork server to load the file again, in order with the forks, so every connection
 accepted after the reload gets the new configuration. There is one fork server (a new one only if it died);
-it stays the parent of, and reaps, the connection processes; on SIGTERM it exits and they carry on.
+it stays the parent of, and reaps, the connection processes. On SIGTERM the daemon signals each of them (they
+disconnect their clients, as the daemon does those it serves itself) and the fork server exits.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ForkServer:
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = json.dumps(params)
         self.current: _Server | None = None
+        self.children: set[int] = set()  # pidfds of the connection processes still running
 
     def start(self) -> None:
         """Start the fork server now (it imports while the daemon binds): the first login need not wait."""
@@ -63,7 +65,20 @@ class ForkServer:
         """A pidfd of a new connection process serving ``conn`` (OSError when none could be made)."""
         self.start()
         assert self.current is not None
-        return await self.current.fork(conn, monitor_end)
+        pidfd = await self.current.fork(conn, monitor_end)
+        self.children.add(pidfd)
+        return pidfd
+
+    def release(self, pidfd: int) -> None:
+        """The caller of ``fork`` is done with this process (it has exited)."""
+        self.children.discard(pidfd)
+        os.close(pidfd)
+
+    def terminate_children(self) -> None:
+        """SIGTERM to the daemon: each connection process disconnects its client, as the daemon does its own."""
+        for pidfd in self.children:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
 
     def reload(self) -> None:
         """A reload was accepted: the connections accepted from now on get the new configuration."""

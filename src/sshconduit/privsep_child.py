@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pwd
+import signal
 import socket
 import threading
 import time
@@ -111,7 +112,11 @@ class PrivsepListener:
             gate, config_now = self.startups
             release = gate.enter(str(peer[0]), config_now())
             if release is None:
-                log.info("drop connection #%d from [%s]:%d past MaxStartups", gate.unauthenticated, peer[0], peer[1])
+                local = conn.getsockname()
+                log.info(
+                    "drop connection #%d from [%s]:%d on [%s]:%d past MaxStartups",
+                    gate.unauthenticated, peer[0], peer[1], local[0], local[1],
+                )  # fmt: skip
                 conn.close()
                 return
         task = asyncio.get_running_loop().create_task(self._run_child(conn, peer, release))
@@ -135,7 +140,7 @@ class PrivsepListener:
         try:
             await wait_exit(pidfd)
         finally:
-            os.close(pidfd)
+            self.forkserver.release(pidfd)
             if uncount is not None:
                 uncount()
             monitor.close()
@@ -459,7 +464,10 @@ def child_serve(options: ServerOptions, conn: socket.socket) -> None:
 
     async def serve() -> None:
         connection = make_server_connection(options)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, conn)
+        loop = asyncio.get_running_loop()
+        # the daemon got SIGTERM: disconnect the client as it does the connections it serves itself
+        loop.add_signal_handler(signal.SIGTERM, connection.drop, "Received signal; terminating.")
+        await loop.connect_accepted_socket(lambda: connection, conn)
         await connection.closed
 
     evloop.run(serve())

@@ -145,6 +145,8 @@ async def _serve(
     for task in reloads:
         task.cancel()
     listeners.close()
+    if forkserver is not None:
+        forkserver.terminate_children()
     await daemon.disconnect_all("Received signal; terminating.")
     if pid_file is not None:  # as sshd: the pid file goes with the daemon
         with contextlib.suppress(OSError):
