@@ -124,6 +124,7 @@ class PrivsepListener:
         task.add_done_callback(self.tasks.discard)
 
     async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...], uncount: Callable[[], None] | None) -> None:
+        options = self.current()  # as the fork server's config: a reload after this is for later connections
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pidfd = await self.forkserver.fork(conn, theirs)
@@ -136,7 +137,7 @@ class PrivsepListener:
         finally:
             conn.close()
             theirs.close()
-        monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
+        monitor = Monitor(ours, options, str(peer[0]), on_auth=uncount)
         try:
             await wait_exit(pidfd)
         finally:
