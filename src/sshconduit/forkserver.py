@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -212,6 +213,7 @@ def forkserver_main(argv: list[str]) -> None:
     except Exception as exc:
         log.error("connection process server: %s", exc)
         os._exit(1)
+    gc.freeze()  # what is loaded now stays shared with the children: their collections do not copy it
     with contextlib.suppress(OSError):  # the control socket failed: the daemon is gone
         _serve_forks(control, cfg, params)
     _reap()
