@@ -7,6 +7,7 @@ bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and conduit/
 
     python3 bench/run.py                 # full run (512 MiB streams, 3 rounds)
     python3 bench/run.py --quick         # 64 MiB streams, 1 round: a smoke test of every tunnel
+    python3 bench/run.py --privsep yes   # conduitd separated (its default as root; the bench's is no)
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 
-def start_servers(keys: Path, stack: contextlib.ExitStack) -> dict[str, int]:
+def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") -> dict[str, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     ports = {"sshd": free_port(), "conduitd": free_port(), "asyncssh": free_port()}
     Path("/run/sshd").mkdir(exist_ok=True)
@@ -72,6 +73,7 @@ def start_servers(keys: Path, stack: contextlib.ExitStack) -> dict[str, int]:
     config.write_text(
         f"ListenAddress 127.0.0.1\nPort {ports['conduitd']}\nHostKey {keys}/host_ed25519\n"
         f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
+        f"UsePrivilegeSeparation {privsep}\n"
     )
     conduitd = subprocess.Popen(
         [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
@@ -175,12 +177,20 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="64 MiB, 1 round")
     ap.add_argument("--only", default="", help="comma-separated tunnel name prefixes to keep")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    ap.add_argument(
+        "--privsep",
+        choices=("yes", "no"),
+        default="no",
+        help="conduitd's UsePrivilegeSeparation. Default no (the connection in the daemon, root connecting "
+        "itself, as sshd's post-auth process does as the user); yes, conduitd's default as root, has the "
+        "user's helper make every forwarded socket, which costs new connections per second",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.bytes = 1, 64 << 20
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.ExitStack() as stack:
         keys = Path(tmp)
-        ports = start_servers(keys, stack)
+        ports = start_servers(keys, stack, args.privsep)
         chosen = tunnels(keys, ports)
         if args.only:
             prefixes = tuple(args.only.split(","))

@@ -94,8 +94,10 @@ async def echo_server(port: int) -> None:
 # --- the servers ---
 
 
-def start(tmp: Path, stack: contextlib.ExitStack) -> tuple[subprocess.Popen[bytes], int, int]:
-    """conduitd and the echo service; returns (conduitd, its port, echo port)."""
+def start(tmp: Path, stack: contextlib.ExitStack, privsep: str = "no") -> tuple[subprocess.Popen[bytes], int, int]:
+    """conduitd and the echo service; returns (conduitd, its port, echo port). conduitd serves the connections
+    in its own process (UsePrivilegeSeparation no), whose memory and descriptors are the figures measured;
+    ``privsep`` "yes" forks a process per connection instead (then the figures say little)."""
     for name in ("host_ed25519", "id_ed25519"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)], check=True)
     (tmp / "authorized_keys").write_text((tmp / "id_ed25519.pub").read_text())
@@ -103,6 +105,7 @@ def start(tmp: Path, stack: contextlib.ExitStack) -> tuple[subprocess.Popen[byte
     (tmp / "conduitd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {tmp}/host_ed25519\nAuthorizedKeysFile {tmp}/authorized_keys\n"
         "StrictModes no\nPidFile none\nLogLevel ERROR\nPermitRootLogin prohibit-password\nMaxStartups 100:30:200\n"
+        f"UsePrivilegeSeparation {privsep}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -158,10 +161,10 @@ async def close_all(writers: list[asyncio.StreamWriter]) -> None:
     await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
 
 
-def run_channels(count: int, timeout: float) -> dict[str, object]:
+def run_channels(count: int, timeout: float, privsep: str = "no") -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
-        conduitd, port, echo_port = start(tmp, stack)
+        conduitd, port, echo_port = start(tmp, stack, privsep)
         lport = free_port()
         conduit = subprocess.Popen(
             [
@@ -216,14 +219,14 @@ def _report(
     return out
 
 
-def run_connections(count: int, timeout: float) -> dict[str, object]:
+def run_connections(count: int, timeout: float, privsep: str = "no") -> dict[str, object]:
     import sshconduit
 
     logging.getLogger("sshconduit").setLevel(logging.ERROR)  # not 1,000 "Allocated port" warnings
 
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
-        conduitd, port, echo_port = start(tmp, stack)
+        conduitd, port, echo_port = start(tmp, stack, privsep)
         time.sleep(0.5)
         before = status(conduitd.pid)
 
@@ -274,6 +277,7 @@ def main() -> int:
     group.add_argument("--connections", type=int, help="SSH connections to conduitd, one forward each")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed to open everything")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--privsep", choices=("yes", "no"), default="no", help="conduitd's UsePrivilegeSeparation")
     args = ap.parse_args()
     limit = raise_nofile()
     needed = (args.connections * 4 if args.connections else args.channels) + 100
@@ -281,9 +285,9 @@ def main() -> int:
         print(f"RLIMIT_NOFILE is {limit}, {needed} needed: raise the hard limit (ulimit -Hn)", file=sys.stderr)
         return 2
     if args.connections:
-        result = run_connections(args.connections, args.timeout)
+        result = run_connections(args.connections, args.timeout, args.privsep)
     else:
-        result = run_channels(args.channels, args.timeout)
+        result = run_channels(args.channels, args.timeout, args.privsep)
     if args.json:
         print(json.dumps(result))
     else:

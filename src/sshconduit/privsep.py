@@ -103,6 +103,7 @@ class ForwardHelper:
         self._processes: dict[int, HelperProcess] = {}
         self._next_id = 0
         self._closed = False
+        self._writable: asyncio.Future[None] | None = None  # requests wait on this while the socket is full
 
     def start(self) -> None:
         """Start the helper now, not at the first request (ChrootDirectory: an unsafe jail ends the login)."""
@@ -132,10 +133,34 @@ class ForwardHelper:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = fut
         try:
-            socket.send_fds(self._sock, [json.dumps(request).encode()], fds)  # one datagram: never blocks long
+            await self._send(json.dumps(request).encode(), fds)
             return await fut
         finally:
             self._pending.pop(request["id"], None)
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        """One datagram; when the helper is behind (a burst of channel opens fills the socket), wait until the
+        socket takes it rather than fail the request."""
+        while True:
+            if self._closed or self._sock is None:
+                raise OSError(errno.ECONNABORTED, "connection closed")
+            try:
+                socket.send_fds(self._sock, [data], fds)
+                return
+            except BlockingIOError:
+                pass
+            if self._writable is None:
+                loop = asyncio.get_running_loop()
+                self._writable = loop.create_future()
+                loop.add_writer(self._sock.fileno(), self._on_writable)
+            await asyncio.shield(self._writable)
+
+    def _on_writable(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_writer(self._sock.fileno())
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -213,6 +238,8 @@ class ForwardHelper:
     def close(self) -> None:
         """The connection is gone: the helper sees EOF and exits; requests still waiting fail."""
         self._closed = True
+        if self._writable is not None:
+            self._on_writable()  # the senders waiting find the helper closed
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())

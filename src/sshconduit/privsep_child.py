@@ -1,9 +1,10 @@
 """``UsePrivilegeSeparation yes``: a root conduitd runs each connection in a process of its own that holds no
 privileges while the client is unauthenticated.
 
-The root listener accepts, then starts a fresh interpreter for the connection (no fork of a running event loop)
-with the socket and one end of a socketpair to its monitor. The child loads the configuration, asks the monitor
-for the host keys' public halves, drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
+The root listener accepts, then has the fork server (forkserver.py: an interpreter of its own that loaded the
+configuration and every module, not a fork of the running event loop) fork a process for the connection with the
+socket and one end of a socketpair to its monitor. The child asks the monitor for the host keys' public halves,
+drops to the ``sshd`` user (``nobody`` without one) and runs the protocol. The
 monitor, in the root process, answers a small fixed vocabulary: host_keys, sign (the child never holds a private
 key; the first hash signed is the session id), check_publickey (a query), check_signed (the monitor verifies the
 signature over that session id itself, so a subverted child cannot claim a login), check_password, and, once these
@@ -26,8 +27,8 @@ import json
 import logging
 import os
 import pwd
+import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from .config.authorized_keys import KeyOptions
 from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
+from .forkserver import ForkServer, wait_exit
 from .pam_monitor import PAM_OPS, MonitorExchange, PamMonitorOps, monitor_pam_session
 from .policy import ServerPolicy
 from .server import ServerOptions
@@ -52,10 +54,6 @@ MAX_MONITOR_MESSAGE = 65536  # one request on the monitor socket: a key blob and
 LISTEN_BACKLOG = 128
 EXCHANGE_HASH_SIZES = (20, 32, 48, 64)  # SHA-1, SHA-256, SHA-384, SHA-512 exchange hashes
 UNPRIVILEGED_USERS = ("sshd", "nobody")
-CHILD_START = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from sshconduit.privsep_child import child_main; "
-    "child_main(sys.argv[2:])"
-)
 
 
 def _b64(data: bytes) -> str:
@@ -75,14 +73,14 @@ class PrivsepListener:
     def __init__(
         self,
         options: ServerOptions,
-        child_params: dict[str, Any],
+        forkserver: ForkServer,
         current: Callable[[], ServerOptions] | None = None,
         startups: tuple[StartupGate, Callable[[], ServerConfig]] | None = None,
     ) -> None:
         self.options = options
         self.current = current or (lambda: options)  # after SIGHUP: new connections' monitors use the new options
         self.startups = startups  # MaxStartups, PerSourceMaxStartups: the gate, and the current config
-        self.child_params = json.dumps(child_params)
+        self.forkserver = forkserver  # shared by every listen address; makes the connection processes
         self.sockets: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -118,7 +116,11 @@ class PrivsepListener:
             gate, config_now = self.startups
             release = gate.enter(str(peer[0]), config_now())
             if release is None:
-                log.info("drop connection #%d from [%s]:%d past MaxStartups", gate.unauthenticated, peer[0], peer[1])
+                local = conn.getsockname()
+                log.info(
+                    "drop connection #%d from [%s]:%d on [%s]:%d past MaxStartups",
+                    gate.unauthenticated, peer[0], peer[1], local[0], local[1],
+                )  # fmt: skip
                 conn.close()
                 return
         task = asyncio.get_running_loop().create_task(self._run_child(conn, peer, release))
@@ -126,23 +128,13 @@ class PrivsepListener:
         task.add_done_callback(self.tasks.discard)
 
     async def _run_child(self, conn: socket.socket, peer: tuple[Any, ...], uncount: Callable[[], None] | None) -> None:
+        options = self.current()  # as the fork server's config: a reload after this is for later connections
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         local = conn.getsockname()  # Match LocalAddress/LocalPort: the monitor must resolve Match as the child does
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                CHILD_START,
-                package_parent,
-                str(conn.fileno()),
-                str(theirs.fileno()),
-                self.child_params,
-                pass_fds=(conn.fileno(), theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            pidfd = await self.forkserver.fork(conn, theirs)
         except OSError as exc:
-            log.error("cannot start a process for %s: %s", peer[0], exc.strerror)
+            log.error("cannot start a process for %s: %s", peer[0], exc.strerror or exc)
             ours.close()
             if uncount is not None:
                 uncount()
@@ -150,11 +142,12 @@ class PrivsepListener:
         finally:
             conn.close()
             theirs.close()
-        monitor = Monitor(ours, self.current(), str(peer[0]), on_auth=uncount)
+        monitor = Monitor(ours, options, str(peer[0]), on_auth=uncount)
         monitor.policy.local_address, monitor.policy.local_port = str(local[0]), int(local[1])
         try:
-            await process.wait()
+            await wait_exit(pidfd)
         finally:
+            self.forkserver.release(pidfd)
             if uncount is not None:
                 uncount()
             monitor.close()
@@ -460,20 +453,26 @@ def _drop_to_unprivileged() -> None:
     raise OSError("no unprivileged user (sshd or nobody) to run as")
 
 
-def child_main(argv: list[str]) -> None:
-    """The per-connection process: load the config (as root), shed root, serve the one connection."""
-    global _monitor
-    from . import audit, evloop, server_config
+def load_for_children(params: dict[str, Any]) -> ServerConfig:
+    """In the fork server (root): logging, the configuration, and every import a connection will need."""
     from .cli.logs import setup_logging
     from .config.sshd_config import load_server_config
-    from .server import make_server_connection
 
-    conn_fd, monitor_fd, params = int(argv[0]), int(argv[1]), json.loads(argv[2])
     setup_logging(int(params["level"]), program="conduitd", syslog=False, logfile=params.get("logfile"))
+    cfg = load_server_config(params["config"], list(params["options"]))
+    _load_everything()
+    return cfg
+
+
+def child_setup(cfg: ServerConfig, conn_fd: int, monitor_fd: int) -> tuple[ServerOptions, socket.socket]:
+    """In the forked connection process, still root: what needs root, then shed it before the first client
+    byte is read. Exits the process on failure."""
+    global _monitor
+    from . import audit, server_config
+
     conn = socket.socket(fileno=conn_fd)
     _monitor = MonitorClient(socket.socket(fileno=monitor_fd))
     try:
-        cfg = load_server_config(params["config"], list(params["options"]))
         reply, _ = _monitor.call("host_keys")
         host_keys: list[Any] = [MonitorKey(keys.parse_public_blob(_unb64(b)), _monitor) for b in reply["keys"]]
         options = server_config.server_options(cfg, host_keys, ())
@@ -484,15 +483,24 @@ def child_main(argv: list[str]) -> None:
         privsep.pty_owner = _monitor.own_pty
         pam_session.remote_opener = functools.partial(monitor_pam_session, _monitor.call)
         audit.configure(cfg.audit_log)  # opened as root; the descriptor stays writable after the drop
-        _load_everything()
         _drop_to_unprivileged()
     except Exception as exc:
         log.error("connection process: %s", exc)
         os._exit(1)
+    return options, conn
+
+
+def child_serve(options: ServerOptions, conn: socket.socket) -> None:
+    """The connection process, unprivileged: serve the one connection."""
+    from . import evloop
+    from .server import make_server_connection
 
     async def serve() -> None:
         connection = make_server_connection(options)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, conn)
+        loop = asyncio.get_running_loop()
+        # the daemon got SIGTERM: disconnect the client as it does the connections it serves itself
+        loop.add_signal_handler(signal.SIGTERM, connection.drop, "Received signal; terminating.")
+        await loop.connect_accepted_socket(lambda: connection, conn)
         await connection.closed
 
     evloop.run(serve())

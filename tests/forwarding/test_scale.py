@@ -6,6 +6,7 @@ Runs bench/scale.py (the benchmark prints the same figures for 10,000 channels /
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +40,16 @@ def test_two_thousand_channels_on_one_connection() -> None:
     # All were open at the same moment: each process held a socket for every one (over the soft limit of 1024).
     assert result["conduit"]["fds_at_n"] >= 2000, result
     assert result["conduitd"]["fds_at_n"] >= 2000, result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root")
+def test_two_thousand_channels_through_a_separated_connection() -> None:
+    """UsePrivilegeSeparation (conduitd's default as root): every socket comes from the user's helper, and a
+    burst of opens must wait for the helper rather than fail."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2200:
+        pytest.skip("hard RLIMIT_NOFILE below 2,200")
+    result = run_scale("--channels", "2000", "--privsep", "yes")
+    assert result["opened"] == 2000 and result["bad_echoes"] == 0, result
 
 
 def test_two_hundred_ssh_connections_each_with_a_forward() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,8 +44,8 @@ def test_user(keyset: KeySet) -> pwd.struct_passwd:
 
 @pytest.fixture(params=["in-process", "privsep"])
 def daemon(request, keyset: KeySet, tmp_path: Path, test_user: pwd.struct_passwd):
-    """conduitd as root: one process (post-auth work as the user), or UsePrivilegeSeparation (a process per
-    connection, unprivileged until authenticated)."""
+    """conduitd as root: one process (``UsePrivilegeSeparation no``: post-auth work as the user), or privilege
+    separation, the default as root (a process per connection, unprivileged until authenticated)."""
     port = free_port()
     config = tmp_path / "conduitd_config"
     config.write_text(
@@ -52,7 +53,7 @@ def daemon(request, keyset: KeySet, tmp_path: Path, test_user: pwd.struct_passwd
         f"AuthorizedKeysFile .ssh/authorized_keys {keyset.authorized_keys}\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nPidFile none\n"
         "AllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n"
-        f"UsePrivilegeSeparation {'yes' if request.param == 'privsep' else 'no'}\n"
+        + ("UsePrivilegeSeparation no\n" if request.param == "in-process" else "")
     )
     argv = [shutil.which("python3") or "python3", "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)]
     with start_daemon(argv, port, config, env_with_src()) as d:
@@ -264,26 +265,64 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("daemon", ["privsep"], indirect=True)  # the in-process daemon keeps root until auth
-def test_preauth_process_holds_no_privileges(keyset, daemon, test_user):
-    """Version exchanged, nothing authenticated: the process speaking to the client runs as sshd (or nobody)."""
-    names = {entry.pw_name for entry in pwd.getpwall()}
-    unprivileged = next(pwd.getpwnam(name).pw_uid for name in ("sshd", "nobody") if name in names)
+@contextlib.contextmanager
+def preauth_connection(daemon) -> Iterator[int]:
+    """A connection that exchanged versions and nothing more, held open: the pid of the process serving it."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT) as s:
         s.sendall(b"SSH-2.0-probe\r\n")
-        banner = b""
-        while not banner.endswith(b"\n") and len(banner) < 256:
-            chunk = s.recv(1)
-            assert chunk, "the server closed the connection"
-            banner += chunk
-        assert banner.startswith(b"SSH-2.0-")
+        assert read_banner(s).startswith(b"SSH-2.0-"), "the server closed the connection"
         inode = server_socket_inode(daemon.port, s.getsockname()[1])
-        pid = process_holding(inode, descendants(daemon.proc.pid))
+        yield process_holding(inode, descendants(daemon.proc.pid))
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_preauth_process_holds_no_privileges(keyset, daemon, test_user):
+    """Version exchanged, nothing authenticated: by default the process speaking to the client runs as sshd (or
+    nobody); ``UsePrivilegeSeparation no`` keeps the connection in the root daemon (it drops only post-auth)."""
+    names = {entry.pw_name for entry in pwd.getpwall()}
+    unprivileged = next(pwd.getpwnam(name).pw_uid for name in ("sshd", "nobody") if name in names)
+    with preauth_connection(daemon) as pid:
+        if "UsePrivilegeSeparation no" in daemon.config.read_text():
+            assert pid == daemon.proc.pid
+            return
         assert pid != daemon.proc.pid  # a process of its own, not the listener
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
         assert set(map(int, uids)) == {unprivileged}, uids
         assert unprivileged not in (0, test_user.pw_uid)
+
+
+@pytest.mark.parametrize("daemon", ["privsep"], indirect=True)
+def test_one_fork_server_kept_over_sighup_and_gone_on_sigterm(keyset, daemon):
+    """Connection processes are forked by one pre-started fork server (a child of the daemon), not started as
+    interpreters of their own; a reload keeps it (it reloads the file; test_daemon checks the new config is
+    used); SIGTERM ends it and the connection processes (test_daemon_ops: their clients see the disconnect)."""
+    with preauth_connection(daemon) as first, preauth_connection(daemon) as second:
+        server = parent_of(first)
+        assert parent_of(second) == server and parent_of(server) == daemon.proc.pid
+        daemon.proc.send_signal(signal.SIGHUP)
+        with preauth_connection(daemon) as third:
+            assert parent_of(third) == server
+        forkers = [pid for pid in descendants(daemon.proc.pid) if parent_of(pid) == daemon.proc.pid]
+        assert forkers == [server]  # no spare per connection: one fork server
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(WAIT) == 0
+        deadline = time.monotonic() + WAIT
+        while any(map(alive, (server, first, second))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, (server, first, second)))
 
 
 def read_banner(s: socket.socket) -> bytes:

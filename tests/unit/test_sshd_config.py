@@ -479,3 +479,14 @@ def test_debian_unsupported_keywords_are_known_to_sshd(tmp_path: Path, host_key:
     path.write_text(f"HostKey {host_key}\n{lines}\n")
     proc = subprocess.run([SSHD, "-t", "-f", str(path)], capture_output=True, text=True, timeout=30)
     assert "Bad configuration option" not in proc.stderr
+
+
+def test_use_privilege_separation_defaults_to_yes():
+    """On by default (conduitd separates only as root); ``no`` turns it off; older sshd's ``sandbox`` is yes,
+    and -T, as sshd's, does not print the keyword."""
+    assert default_server_config().use_privilege_separation is True
+    assert parse("UsePrivilegeSeparation no\n").use_privilege_separation is False
+    assert parse("UsePrivilegeSeparation sandbox\n").use_privilege_separation is True
+    assert "useprivilegeseparation" not in parse("UsePrivilegeSeparation no\n").dump().lower()
+    with pytest.raises(ConfigError, match='invalid value for UsePrivilegeSeparation: "maybe"'):
+        parse("UsePrivilegeSeparation maybe\n")

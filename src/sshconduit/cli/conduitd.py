@@ -18,6 +18,7 @@ from ..config.sshd_config import ServerConfig, default_server_config, load_serve
 from ..crypto import keys
 from ..daemon_listeners import Binder, Closable, Endpoint, ListenerSet
 from ..errors import ConfigError, SSHError
+from ..forkserver import ForkServer
 from ..rlimits import raise_nofile
 from ..server import ServerOptions, listen
 from ..session_policy import ACCEPTED_ENV
@@ -98,7 +99,24 @@ async def serve(
     privsep_params: dict[str, object] | None = None,
 ) -> None:
     daemon = server_config.Daemon(server_config.Serving(cfg, options))
-    listeners = ListenerSet(_binder(daemon, options, privsep_params))
+    forkserver = ForkServer(privsep_params) if privsep_params is not None else None
+    try:
+        await _serve(daemon, options, cfg, reload, forkserver)
+    finally:
+        if forkserver is not None:  # as the listeners: no new connection processes once we go
+            await forkserver.close()
+
+
+async def _serve(
+    daemon: server_config.Daemon,
+    options: ServerOptions,
+    cfg: ServerConfig,
+    reload: Callable[[], server_config.Serving | None] | None,
+    forkserver: ForkServer | None,
+) -> None:
+    if forkserver is not None:
+        forkserver.start()  # it imports while we bind: the first login need not wait for it
+    listeners = ListenerSet(_binder(daemon, options, forkserver))
     await listeners.start(cfg.listen_endpoints())
     stop = asyncio.Event()
     received: list[int] = []
@@ -110,7 +128,7 @@ async def serve(
         one_at_a_time = asyncio.Lock()
 
         def on_hup() -> None:
-            task = loop.create_task(_reload(daemon, listeners, reload, one_at_a_time))
+            task = loop.create_task(_reload(daemon, listeners, reload, one_at_a_time, forkserver))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -127,24 +145,26 @@ async def serve(
     for task in reloads:
         task.cancel()
     listeners.close()
+    if forkserver is not None:
+        forkserver.terminate_children()
     await daemon.disconnect_all("Received signal; terminating.")
     if pid_file is not None:  # as sshd: the pid file goes with the daemon
         with contextlib.suppress(OSError):
             os.unlink(pid_file)
 
 
-def _binder(daemon: server_config.Daemon, options: ServerOptions, privsep_params: dict[str, object] | None) -> Binder:
+def _binder(daemon: server_config.Daemon, options: ServerOptions, forkserver: ForkServer | None) -> Binder:
     """How one (address, port) is bound: asyncio servers, or with UsePrivilegeSeparation a process per
-    connection (privsep_child.py)."""
+    connection (privsep_child.py), forked by the one fork server."""
 
     async def bind(endpoint: Endpoint) -> list[Closable]:
         one = dataclasses.replace(options, listen=[endpoint])
-        if privsep_params is None:
+        if forkserver is None:
             return list(await listen(one, daemon.make_connection))
         from ..privsep_child import PrivsepListener
 
         listener = PrivsepListener(
-            one, privsep_params, lambda: daemon.serving.options, (daemon.gate, lambda: daemon.serving.cfg)
+            one, forkserver, lambda: daemon.serving.options, (daemon.gate, lambda: daemon.serving.cfg)
         )
         await listener.start()
         return [listener]
@@ -157,6 +177,7 @@ async def _reload(
     listeners: ListenerSet,
     reload: Callable[[], server_config.Serving | None],
     one_at_a_time: asyncio.Lock,
+    forkserver: ForkServer | None,
 ) -> None:
     """SIGHUP: new connections get the re-read config and the listeners follow ListenAddress/Port; a bad file,
     or an address that cannot be bound, leaves the old config in force. Established connections carry on."""
@@ -169,6 +190,8 @@ async def _reload(
             return
         audit.configure(serving.cfg.audit_log)
         daemon.reload(serving)
+        if forkserver is not None:  # its connection processes take the config it loaded: a new one loads this
+            forkserver.reload()
         log.info("Configuration reloaded.")
 
 

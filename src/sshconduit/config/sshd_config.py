@@ -85,7 +85,7 @@ class ServerConfig:
     pubkey_accepted_algorithms: tuple[str, ...] = ALGORITHM_KEYWORDS["pubkeyacceptedalgorithms"][0]
     strict_modes: bool = True
     use_pam: bool = False
-    use_privilege_separation: bool = False  # conduitd: a process per connection, unprivileged until auth
+    use_privilege_separation: bool = True  # conduitd as root: a process per connection, unprivileged until auth
     permit_tty: bool = True
     permit_user_environment: str = "no"  # yes | no | pattern list
     x11_forwarding: bool = False
@@ -411,6 +411,11 @@ def _flag(line: ConfigLine) -> bool:
     return result
 
 
+def _privsep_flag(line: ConfigLine) -> bool:
+    """yes/no, and "sandbox" (older sshd's seccomp mode, still in old Debian configs) as yes."""
+    return True if _single(line).lower() == "sandbox" else _flag(line)
+
+
 def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[ConfigLine], str]:
     def parse(line: ConfigLine) -> str:
         value = _single(line).lower()
@@ -722,8 +727,8 @@ _OPTIONS: dict[str, _Option] = {
     ),
     "StrictModes": _Option("strict_modes", _flag),
     "UsePAM": _Option("use_pam", _flag),
-    # sshd 9 always separates and calls the keyword deprecated; in conduitd it turns separation on (privsep_child)
-    "UsePrivilegeSeparation": _Option("use_privilege_separation", _flag, dump=lambda value, cfg: []),
+    # sshd 9 always separates and calls the keyword deprecated; conduitd as root separates unless it says no
+    "UsePrivilegeSeparation": _Option("use_privilege_separation", _privsep_flag, dump=lambda value, cfg: []),
     "PermitTTY": _Option("permit_tty", _flag, in_match=True),
     "PermitUserEnvironment": _Option(
         "permit_user_environment",
