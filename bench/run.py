@@ -59,7 +59,6 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") -> dict[str, int]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     ports = {"sshd": free_port(), "conduitd": free_port(), "asyncssh": free_port()}
     Path("/run/sshd").mkdir(exist_ok=True)
     sshd = subprocess.Popen(
@@ -69,20 +68,10 @@ def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") 
     )
     stack.callback(sshd.kill)
     wait_port(ports["sshd"], sshd)
-    config = keys / "conduitd_config"
-    config.write_text(
-        f"ListenAddress 127.0.0.1\nPort {ports['conduitd']}\nHostKey {keys}/host_ed25519\n"
-        f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
-        f"UsePrivilegeSeparation {privsep}\n"
-    )
-    conduitd = subprocess.Popen(
-        [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    stack.callback(conduitd.kill)
-    wait_port(ports["conduitd"], conduitd)
+    _start_conduitd(keys, stack, ports["conduitd"], privsep, "conduitd_config")
+    if os.geteuid() == 0:  # separated connections, conduitd's default as root, in the same run
+        ports["conduitd-privsep"] = free_port()
+        _start_conduitd(keys, stack, ports["conduitd-privsep"], "yes", "conduitd_privsep_config")
     if shutil.which("python3") and _has_module("asyncssh"):
         peer = subprocess.Popen(
             [sys.executable, str(PEERS / "asyncssh-forward"), "server", str(ports["asyncssh"]), str(keys)],
@@ -92,6 +81,23 @@ def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") 
         stack.callback(peer.kill)
         wait_port(ports["asyncssh"], peer)
     return ports
+
+
+def _start_conduitd(keys: Path, stack: contextlib.ExitStack, port: int, privsep: str, name: str) -> None:
+    config = keys / name
+    config.write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keys}/host_ed25519\n"
+        f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
+        f"UsePrivilegeSeparation {privsep}\n"
+    )
+    conduitd = subprocess.Popen(
+        [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stack.callback(conduitd.kill)
+    wait_port(port, conduitd)
 
 
 def _has_module(name: str) -> bool:
@@ -111,6 +117,10 @@ def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
         out[f"openssh/{label}"] = f"{ssh} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
         out[f"conduit-sshd/{label}"] = f"{conduit} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
         out[f"ssh-conduitd/{label}"] = f"{ssh} {cipher} -p {ports['conduitd']} {fwd} {user}@127.0.0.1"
+    if "conduitd-privsep" in ports:
+        out["conduit-conduitd-privsep/gcm"] = (
+            f"{conduit} -c {GCM} -p {ports['conduitd-privsep']} {fwd} {user}@127.0.0.1"
+        )
     if "asyncssh" in ports and _has_module("asyncssh"):
         out["asyncssh/default"] = (
             f"{sys.executable} {PEERS / 'asyncssh-forward'} client {{lport}} {{dhost}} {{dport}} "
@@ -159,6 +169,7 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
             (f"ssh-conduitd/{label}", f"openssh/{label}"),
         ]
     pairs += [
+        ("conduit-conduitd-privsep/gcm", "openssh/gcm"),
         ("conduit-conduitd/default", "asyncssh/default"),
         ("conduit-conduitd/gcm", "asyncssh/default"),
         ("conduit-conduitd/default", "sshtunnel-sshd/default"),
