@@ -37,6 +37,7 @@ log = logging.getLogger("sshconduit.privsep")
 HELPER_EXIT_GRACE = 5.0  # seconds a helper has to exit after its connection closed
 MAX_MESSAGE = 196608  # one request or reply on the helper socket (a spawn carries a command and its environment)
 MAX_FD = 1 << 20  # above any descriptor the server can hold
+CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish (one decides it)
 
 
 # privsep child: how to start the user's helper (the monitor forks it); None in a server that is root itself
@@ -201,7 +202,13 @@ class ForwardHelper:
             fut.set_exception(socket.gaierror(code, name_error) if name_error else OSError(code, os.strerror(code)))
 
     async def connect_tcp(self, host: str, port: int) -> socket.socket:
-        return await self._request({"op": "connect_tcp", "host": host, "port": port})
+        sock: socket.socket = await self._request({"op": "connect_tcp", "host": host, "port": port})
+        try:
+            await _connected(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def connect_unix(self, path: str) -> socket.socket:
         return await self._request({"op": "connect_unix", "path": path})
@@ -287,6 +294,33 @@ class HelperProcess:
         self.send_signal(signal.SIGTERM)
 
 
+async def _connected(sock: socket.socket) -> None:
+    """Wait until a connect the helper started (to an address, without blocking) is done; raise its error."""
+    loop = asyncio.get_running_loop()
+    for _ in range(CONNECT_WAKEUPS):
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+        try:
+            sock.getpeername()
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(sock.fileno(), _set_once, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(sock.fileno())
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def fork_helper(creds: Credentials) -> tuple[socket.socket, int]:
     """Fork the helper for ``creds``: our end of its socket, and its pid (to reap)."""
     # fork without exec: the server's interpreter may live where the user cannot read it (a pyenv under
@@ -329,7 +363,9 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
     try:
         op = request.get("op")
         if op == "connect_tcp":
-            made = socket.create_connection((str(request["host"]), int(request["port"])))
+            host, port = str(request["host"]), int(request["port"])
+            family = _numeric_family(host)
+            made = socket.create_connection((host, port)) if family is None else _start_connect(family, host, port)
         elif op == "connect_unix":
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -365,6 +401,26 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
     finally:
         if made is not None:
             made.close()
+
+
+def _numeric_family(host: str) -> int | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            socket.inet_pton(family, host)
+            return family
+    return None
+
+
+def _start_connect(family: int, host: str, port: int) -> socket.socket:
+    """A connect to an address (no name to resolve) started without blocking: the server waits for it to finish,
+    so the helper needs no thread per forwarded connection."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    code = sock.connect_ex((host, port))
+    if code not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(code, os.strerror(code))
+    return sock
 
 
 def _helper_child(channel: socket.socket, creds: Credentials) -> NoReturn:
@@ -471,6 +527,8 @@ def _serve(channel: socket.socket, creds: Credentials) -> None:
                 pid, signum = int(request["pid"]), int(request["signum"])
                 if pid in children:  # only processes it started itself
                     (os.killpg if request.get("group") else os.kill)(pid, signum)
+        elif op == "connect_tcp" and _numeric_family(str(request.get("host"))) is not None:
+            _serve_one(channel, send_lock, request)  # does not block: see _start_connect
         else:
             threading.Thread(target=_serve_one, args=(channel, send_lock, request), daemon=True).start()
     for pid in list(children):

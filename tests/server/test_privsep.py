@@ -140,6 +140,15 @@ def test_local_forward_connects_as_the_user(keyset, daemon, test_user):
         recorder.sock.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])  # an address, connected without a helper thread
+def test_a_refused_connect_as_the_user_reaches_the_client(keyset, daemon, test_user, host):
+    argv = ssh_argv(keyset, daemon.port, "-W", f"{host}:{free_port()}", f"{TEST_USER}@127.0.0.1")
+    argv[argv.index("LogLevel=ERROR")] = "LogLevel=INFO"
+    result = run_client(argv, timeout=WAIT)
+    assert result.returncode == 255
+    assert "open failed: connect failed: Connection refused" in result.stderr.decode(errors="replace")
+
+
 @contextlib.contextmanager
 def unix_echo(path: Path, uid: int, gid: int) -> Iterator[None]:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
