@@ -21,6 +21,8 @@ from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Tra
 
 log = logging.getLogger("sshconduit")
 
+LATE_FLUSH_TURNS = 3  # see SSHConnection.schedule_late_flush
+
 HostKeyChecker = Callable[[keys.PublicKey, str], None]  # raises HostKeyError to refuse
 ChannelOpener = Callable[["SSHConnection", connection.ChannelOpenRequest], Awaitable["ChannelHandler"]]
 GlobalRequestHandler = Callable[["SSHConnection", connection.GlobalRequestReceived], Awaitable[bytes | None]]
@@ -204,14 +206,18 @@ class SSHConnection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def schedule_late_flush(self) -> None:
-        """Flush one loop turn after schedule_flush would: for what is on no critical path (a channel's EOF and
-        CLOSE), so it shares a write with what the callbacks of the same poll queue, such as the CHANNEL_OPEN of
-        a forward's next connection, whose connection_made runs after an already scheduled flush."""
+        """Flush LATE_FLUSH_TURNS loop turns from now: for what is on no critical path (a channel's EOF and CLOSE),
+        so it shares a write with what the callbacks of the same poll lead to: the client's CHANNEL_OPEN for a
+        forward's next connection (its connection_made runs after an already scheduled flush), the server's
+        OPEN_CONFIRMATION once the connect reported in the same poll has gone through create_connection."""
         if not self._late_flush_scheduled:
             self._late_flush_scheduled = True
-            self.loop.call_soon(self.loop.call_soon, self._late_flush)
+            self.loop.call_soon(self._late_flush, LATE_FLUSH_TURNS - 1)
 
-    def _late_flush(self) -> None:
+    def _late_flush(self, turns: int) -> None:
+        if turns:
+            self.loop.call_soon(self._late_flush, turns - 1)
+            return
         self._late_flush_scheduled = False
         self._flush()
 
