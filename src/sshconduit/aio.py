@@ -2,7 +2,9 @@
 
 Bytes from the socket go to ``Transport.receive_data``; the events that come back are routed to the auth
 layer, the connection layer and the per-channel handlers. Everything the core queues to send is written in one
-``writelines`` per loop iteration, so many small packets cost one system call.
+``writelines`` per loop iteration, so many small packets cost one system call: what a read's handlers queue goes
+out at the end of that read, and a channel's EOF and CLOSE wait a few turns to ride with the next packet (a
+forward's next CHANNEL_OPEN or OPEN_CONFIRMATION), as OpenSSH batches a channel's end with the next one's start.
 """
 
 from __future__ import annotations
