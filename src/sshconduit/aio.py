@@ -2,7 +2,9 @@
 
 Bytes from the socket go to ``Transport.receive_data``; the events that come back are routed to the auth
 layer, the connection layer and the per-channel handlers. Everything the core queues to send is written in one
-``writelines`` per loop iteration, so many small packets cost one system call.
+``writelines`` per loop iteration, so many small packets cost one system call: what a read's handlers queue goes
+out at the end of that read, and a channel's EOF and CLOSE wait a few turns to ride with the next packet (a
+forward's next CHANNEL_OPEN or OPEN_CONFIRMATION), as OpenSSH batches a channel's end with the next one's start.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .errors import ChannelOpenError, Disconnected, DisconnectReason, HostKeyErr
 from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Transport, TransportConfig
 
 log = logging.getLogger("sshconduit")
+
+LATE_FLUSH_TURNS = 3  # see SSHConnection.schedule_late_flush
 
 HostKeyChecker = Callable[[keys.PublicKey, str], None]  # raises HostKeyError to refuse
 ChannelOpener = Callable[["SSHConnection", connection.ChannelOpenRequest], Awaitable["ChannelHandler"]]
@@ -97,6 +101,7 @@ class SSHConnection(asyncio.Protocol):
         self._grace_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None
         self._flush_scheduled = False
+        self._late_flush_scheduled = False
         self._batch_end: list[Callable[[], None]] = []  # run once the events of one read are handled
         self.peername: tuple[str, int] = ("?", 0)
         self.local_address = "?"
@@ -139,6 +144,7 @@ class SSHConnection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self._flush_scheduled = True  # what the handlers queue goes out in the _flush below: no call_soon each
         self.last_received = time.monotonic()
         if self.channels is not None:
             self.channels.now = self.last_received  # the clock for receive-window auto-tuning
@@ -148,7 +154,8 @@ class SSHConnection(asyncio.Protocol):
             self._protocol_error(exc)
         except SSHError as exc:
             self.abort(exc)
-        self._flush()
+        finally:
+            self._flush()
 
     def eof_received(self) -> bool:
         return False
@@ -199,6 +206,22 @@ class SSHConnection(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def schedule_late_flush(self) -> None:
+        """Flush LATE_FLUSH_TURNS loop turns from now: for what is on no critical path (a channel's EOF and CLOSE),
+        so it shares a write with what the callbacks of the same poll lead to: the client's CHANNEL_OPEN for a
+        forward's next connection (its connection_made runs after an already scheduled flush), the server's
+        OPEN_CONFIRMATION once the connect reported in the same poll has gone through create_connection."""
+        if not self._late_flush_scheduled:
+            self._late_flush_scheduled = True
+            self.loop.call_soon(self._late_flush, LATE_FLUSH_TURNS - 1)
+
+    def _late_flush(self, turns: int) -> None:
+        if turns:
+            self.loop.call_soon(self._late_flush, turns - 1)
+            return
+        self._late_flush_scheduled = False
+        self._flush()
 
     def send(self, *parts: bytes | memoryview) -> None:
         self.core.send(*parts)
@@ -415,7 +438,8 @@ class SSHConnection(asyncio.Protocol):
         log.info("Failed %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
 
     def start_connection_layer(self) -> None:
-        self.channels = connection.ConnectionLayer(self.send, max_channels=self._max_channels)
+        # core.send, not self.send: each caller of the layer flushes as its message needs (EOF and CLOSE late)
+        self.channels = connection.ConnectionLayer(self.core.send, max_channels=self._max_channels)
         self.peer_is_us = "sshconduit" in (self.core.peer_version or "")
         if self.peer_is_us:
             self.channels.max_payload = limits.PEER_MAX_PAYLOAD
@@ -564,12 +588,12 @@ class SSHConnection(asyncio.Protocol):
     def send_eof(self, channel_id: int) -> None:
         if self.channels is not None and self.channels.is_open(channel_id):
             self.channels.send_eof(channel_id)
-            self.schedule_flush()
+            self.schedule_late_flush()
 
     def close_channel(self, channel_id: int) -> None:
         if self.channels is not None and self.channels.is_open(channel_id):
             self.channels.close(channel_id)
-            self.schedule_flush()
+            self.schedule_late_flush()
 
     def send_request(self, channel_id: int, request_type: str, want_reply: bool, data: bytes = b"") -> None:
         if self.channels is not None and self.channels.is_open(channel_id):
