@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import USER, env_with_src, free_port, run_client, server_config_text, ssh_argv, start_daemon
-from test_daemon import echo_round, forwarding_works, open_tunnel
+from test_daemon import FLOOD, echo_round, forwarding_works, open_tunnel, ssh_login, vm_rss_kib
 from test_remote_forward import read_line_matching, refused
 
 from sshconduit.server_config import source_block
@@ -167,6 +167,32 @@ def test_per_source_max_startups_counts_netblocks(conduitd_server):
     assert re.search(r"drop connection #\d+ from \[127\.0\.0\.4\]:\d+ on \[127\.0\.0\.1\]:\d+ past MaxStartups", log), (
         log
     )
+
+
+def test_a_flood_from_one_source_does_not_stop_a_login_from_another(conduitd_server, keyset):
+    """Point 7 of the issue: 300 connections that never finish kex, all from 127.0.0.2; PerSourceMaxStartups keeps
+    them to 10 of MaxStartups' 20 unthrottled slots, so a user from 127.0.0.1 gets in at the first attempt."""
+    extra = "MaxStartups 20:30:100\nPerSourceMaxStartups 10\nPerSourceNetBlockSize 32\nLoginGraceTime 30\n"
+    with conduitd_server(extra) as daemon:
+        rss_before = vm_rss_kib(daemon.proc.pid)
+        held: list[socket.socket] = []
+        try:
+            for i in range(FLOOD):
+                with contextlib.suppress(OSError):
+                    held.append(startup(daemon.port, "127.0.0.2"))
+                    if i % 2:
+                        held[-1].sendall(b"SSH-2.0-flood\r\n")  # a version line, then nothing
+            started = time.monotonic()
+            result = ssh_login(keyset, daemon.port)
+            print(f"login beside a {FLOOD}-connection flood from another source: {time.monotonic() - started:.2f}s")
+            assert result.returncode == 0, result.stderr
+            assert sum(admitted(s) for s in held[:20]) == 10  # the first ten of the flood, no more
+            assert vm_rss_kib(daemon.proc.pid) - rss_before < 100 * 1024
+        finally:
+            for s in held:
+                s.close()
+        log = daemon.output()
+    assert re.search(r"drop connection #\d+ from \[127\.0\.0\.2\]:\d+ on \[127\.0\.0\.1\]:\d+ past MaxStartups", log)
 
 
 def test_source_block():
