@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import PEERS, ROOT, free_port, wait_port
+from run import PEERS, free_port, start_conduitd, wait_port
 
 WARMUP = 2  # logins per server not counted: the first ones pay for page cache and a fork server's start-up
 
@@ -31,25 +31,6 @@ def start_sshd(keys: Path, stack: contextlib.ExitStack) -> int:
     port = free_port()
     proc = subprocess.Popen(
         [str(PEERS / "openssh-sshd"), str(port), str(keys)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    stack.callback(proc.kill)
-    wait_port(port, proc)
-    return port
-
-
-def start_conduitd(keys: Path, stack: contextlib.ExitStack, privsep: str) -> int:
-    port = free_port()
-    config = keys / f"conduitd_config.{privsep}"
-    config.write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keys}/host_ed25519\n"
-        f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
-        f"UsePrivilegeSeparation {privsep}\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     stack.callback(proc.kill)
     wait_port(port, proc)

@@ -68,10 +68,9 @@ def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") 
     )
     stack.callback(sshd.kill)
     wait_port(ports["sshd"], sshd)
-    _start_conduitd(keys, stack, ports["conduitd"], privsep, "conduitd_config")
+    start_conduitd(keys, stack, privsep, ports["conduitd"])
     if os.geteuid() == 0:  # separated connections, conduitd's default as root, in the same run
-        ports["conduitd-privsep"] = free_port()
-        _start_conduitd(keys, stack, ports["conduitd-privsep"], "yes", "conduitd_privsep_config")
+        ports["conduitd-privsep"] = start_conduitd(keys, stack, "yes")
     if shutil.which("python3") and _has_module("asyncssh"):
         peer = subprocess.Popen(
             [sys.executable, str(PEERS / "asyncssh-forward"), "server", str(ports["asyncssh"]), str(keys)],
@@ -83,8 +82,10 @@ def start_servers(keys: Path, stack: contextlib.ExitStack, privsep: str = "no") 
     return ports
 
 
-def _start_conduitd(keys: Path, stack: contextlib.ExitStack, port: int, privsep: str, name: str) -> None:
-    config = keys / name
+def start_conduitd(keys: Path, stack: contextlib.ExitStack, privsep: str, port: int | None = None) -> int:
+    """conduitd on 127.0.0.1 with the throwaway keys; returns its port once it listens."""
+    port = port or free_port()
+    config = keys / f"conduitd_config.{privsep}.{port}"
     config.write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {keys}/host_ed25519\n"
         f"AuthorizedKeysFile {keys}/authorized_keys\nStrictModes no\nPidFile none\nLogLevel ERROR\n"
@@ -98,6 +99,7 @@ def _start_conduitd(keys: Path, stack: contextlib.ExitStack, port: int, privsep:
     )
     stack.callback(conduitd.kill)
     wait_port(port, conduitd)
+    return port
 
 
 def _has_module(name: str) -> bool:
