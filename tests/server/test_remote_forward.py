@@ -204,34 +204,25 @@ def test_allow_tcp_forwarding_remote_allows_remote_not_local(server, keyset, ser
 
 
 @pytest.mark.parametrize("server", SERVERS)
-def test_permit_listen_restricts_ports(server, keyset, servers, echo_server):
+@pytest.mark.parametrize("where", ["sshd_config", "authorized_keys"])  # PermitListen, or the key's permitlisten=
+def test_permit_listen_restricts_ports(server, where, keyset, servers, echo_server, tmp_path):
     allowed, other = free_port(), free_port()
     while other == allowed:
         other = free_port()
-    with servers[server](f"PermitListen {allowed}") as daemon:
+    if where == "sshd_config":
+        config = f"PermitListen {allowed}"
+    else:
+        config = keys_file(tmp_path, keyset, f'permitlisten="localhost:{allowed}"')
+    with servers[server](config) as daemon:
         with remote_tunnel(remote_argv(keyset, daemon.port, "-N", "-R", f"{allowed}:127.0.0.1:{echo_server.port}"),
                            allowed):  # fmt: skip
             assert echo_through(allowed, b"allowed") == b"allowed"
         result = forward_failure(keyset, daemon, f"{other}:127.0.0.1:{echo_server.port}")
         assert result.returncode == 255
         assert f"remote port forwarding failed for listen port {other}" in result.stderr.decode()
+        assert refused("127.0.0.1", other)
     if server == "conduitd":
         assert f"remote forward to host localhost port {other}, but the request was denied" in daemon.output()
-
-
-@pytest.mark.parametrize("server", SERVERS)
-def test_authorized_keys_permitlisten_restricts_ports(server, keyset, servers, echo_server, tmp_path):
-    allowed, other = free_port(), free_port()
-    while other == allowed:
-        other = free_port()
-    with servers[server](keys_file(tmp_path, keyset, f'permitlisten="localhost:{allowed}"')) as daemon:
-        with remote_tunnel(remote_argv(keyset, daemon.port, "-N", "-R", f"{allowed}:127.0.0.1:{echo_server.port}"),
-                           allowed):  # fmt: skip
-            assert echo_through(allowed, b"allowed by the key") == b"allowed by the key"
-        result = forward_failure(keyset, daemon, f"{other}:127.0.0.1:{echo_server.port}")
-        assert result.returncode == 255
-        assert f"remote port forwarding failed for listen port {other}" in result.stderr.decode()
-        assert refused("127.0.0.1", other)
 
 
 @pytest.mark.parametrize("server", SERVERS)
