@@ -114,13 +114,18 @@ class Daemon:
         return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def server_config_text(keyset: KeySet, port: int, host_key: str = "ed25519", extra: str = "") -> str:
@@ -306,13 +311,7 @@ def tunnel(argv: list[str], lport: int) -> Iterator[subprocess.Popen]:
         wait_for_port(lport, proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
 
 def keys_file(tmp_path: Path, keyset: KeySet, options: str) -> str:

@@ -24,6 +24,7 @@ from conftest import (
     keys_file,
     run_client,
     ssh_argv,
+    stop_process,
     wait_for_port,
 )
 
@@ -50,16 +51,6 @@ def remote_argv(keyset, port: int, *args: str, log_level: str = "ERROR") -> list
     return argv
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextlib.contextmanager
 def client(argv: list[str]) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -67,7 +58,7 @@ def client(argv: list[str]) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
