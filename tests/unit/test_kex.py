@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -164,6 +165,17 @@ def test_derive_key_second_block_is_chained() -> None:
 # --- curve25519: play the server by hand and recompute H field by field ---
 
 
+def expected_exchange_hash(
+    digest: Callable[[bytes], Any], client_value: bytes, server_value: bytes, shared: bytes
+) -> bytes:
+    """H as RFC 4253 8, RFC 5656 4 and RFC 8731 lay it out: both versions and KEXINITs, the host key, each side's
+    value (already encoded: a string or an mpint) and K."""
+    exchange = (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
+    return digest(
+        b"".join(ssh_string(f) for f in exchange) + ssh_string(HOST_KEY) + client_value + server_value + shared
+    ).digest()
+
+
 def hand_server_reply_curve25519(init: bytes) -> tuple[bytes, bytes, bytes]:
     """(reply payload, expected K, expected H) computed from RFC 8731 and RFC 5656 4 alone."""
     assert init[0] == 30
@@ -174,16 +186,7 @@ def hand_server_reply_curve25519(init: bytes) -> tuple[bytes, bytes, bytes]:
     server_public = server_key.public_key().public_bytes_raw()
     raw = server_key.exchange(x25519.X25519PublicKey.from_public_bytes(client_public))
     shared = ssh_mpint_unsigned(raw)  # RFC 8731 3.1: big-endian unsigned, as mpint
-    exchange_hash = hashlib.sha256(
-        ssh_string(CTX.client_version)
-        + ssh_string(CTX.server_version)
-        + ssh_string(CTX.client_kexinit)
-        + ssh_string(CTX.server_kexinit)
-        + ssh_string(HOST_KEY)
-        + ssh_string(client_public)
-        + ssh_string(server_public)
-        + shared
-    ).digest()
+    exchange_hash = expected_exchange_hash(hashlib.sha256, ssh_string(client_public), ssh_string(server_public), shared)
     signature = b"sig-blob"
     reply = b"\x1f" + ssh_string(HOST_KEY) + ssh_string(server_public) + ssh_string(signature)
     return reply, shared, exchange_hash
@@ -215,15 +218,7 @@ def test_curve25519_server_hash_layout() -> None:
     server_public = reply[5 + len(HOST_KEY) + 4 : 5 + len(HOST_KEY) + 4 + 32]
     assert reply == b"\x1f" + ssh_string(HOST_KEY) + ssh_string(server_public) + ssh_string(b"S")
     shared = ssh_mpint_unsigned(client_key.exchange(x25519.X25519PublicKey.from_public_bytes(server_public)))
-    expected_h = hashlib.sha256(
-        b"".join(
-            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
-        )
-        + ssh_string(HOST_KEY)
-        + ssh_string(client_public)
-        + ssh_string(server_public)
-        + shared
-    ).digest()
+    expected_h = expected_exchange_hash(hashlib.sha256, ssh_string(client_public), ssh_string(server_public), shared)
     assert outcome.shared_secret == shared
     assert outcome.exchange_hash == expected_h
     assert seen == [expected_h]
@@ -278,15 +273,8 @@ def test_nist_ecdh_against_hand_client(name: str, curve: ec.EllipticCurve, hash_
     server_public = reply[offset + 4 : offset + 4 + length]
     peer = ec.EllipticCurvePublicKey.from_encoded_point(curve, server_public)
     shared = ssh_mpint_unsigned(client_key.exchange(ec.ECDH(), peer))
-    expected_h = HASHLIB[hash_name](
-        b"".join(
-            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
-        )
-        + ssh_string(HOST_KEY)
-        + ssh_string(client_public)
-        + ssh_string(server_public)
-        + shared
-    ).digest()
+    client_q, server_q = ssh_string(client_public), ssh_string(server_public)
+    expected_h = expected_exchange_hash(HASHLIB[hash_name], client_q, server_q, shared)
     assert outcome.shared_secret == shared
     assert outcome.exchange_hash == expected_h
 
@@ -325,15 +313,7 @@ def test_mlkem_hybrid_client_against_hand_server() -> None:
     outcome = client.handle_reply(reply)
     expected_k = ssh_string(hashlib.sha256(mlkem_secret + x25519_secret).digest())
     assert outcome.shared_secret == expected_k
-    expected_h = hashlib.sha256(
-        b"".join(
-            ssh_string(f) for f in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
-        )
-        + ssh_string(HOST_KEY)
-        + ssh_string(client_blob)
-        + ssh_string(server_blob)
-        + expected_k
-    ).digest()
+    expected_h = expected_exchange_hash(hashlib.sha256, ssh_string(client_blob), ssh_string(server_blob), expected_k)
     assert outcome.exchange_hash == expected_h
 
 
@@ -428,15 +408,8 @@ def test_dh_group14_against_hand_server() -> None:
     shared = ssh_mpint_unsigned(pow(e, y, p).to_bytes(256, "big"))
     outcome = client.handle_reply(dh_reply_with_f(f))
     assert outcome.shared_secret == shared
-    expected_h = hashlib.sha256(
-        b"".join(
-            ssh_string(x) for x in (CTX.client_version, CTX.server_version, CTX.client_kexinit, CTX.server_kexinit)
-        )
-        + ssh_string(HOST_KEY)
-        + ssh_mpint_unsigned(e.to_bytes(256, "big"))
-        + ssh_mpint_unsigned(f.to_bytes(256, "big"))
-        + shared
-    ).digest()
+    client_e, server_f = ssh_mpint_unsigned(e.to_bytes(256, "big")), ssh_mpint_unsigned(f.to_bytes(256, "big"))
+    expected_h = expected_exchange_hash(hashlib.sha256, client_e, server_f, shared)
     assert outcome.exchange_hash == expected_h
 
 
