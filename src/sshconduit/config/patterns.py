@@ -8,6 +8,7 @@ None when nothing matches. Both "no" answers are falsy.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 
 
 def match_pattern(name: str, pattern: str) -> bool:
@@ -32,18 +33,25 @@ def match_pattern(name: str, pattern: str) -> bool:
     return all(c == "*" for c in pattern[p_pos:])
 
 
+def _entries(pattern_list: str) -> Iterator[tuple[str, bool]]:
+    """The non-empty entries of ``"a,!b,*.c"``, each with whether it was negated."""
+    for entry in pattern_list.split(","):
+        entry = entry.strip()
+        negated = entry.startswith("!")
+        if negated:
+            entry = entry[1:]
+        if entry:
+            yield entry, negated
+
+
 def match_pattern_list(name: str, pattern_list: str, ignore_case: bool = False) -> bool | None:
     """Match `name` against ``"a,!b,*.c"``: True, False for a negated match, None for no match."""
     if ignore_case:
         name = name.lower()
         pattern_list = pattern_list.lower()
     matched: bool | None = None
-    for entry in pattern_list.split(","):
-        entry = entry.strip()
-        negated = entry.startswith("!")
-        if negated:
-            entry = entry[1:]
-        if entry and match_pattern(name, entry):
+    for entry, negated in _entries(pattern_list):
+        if match_pattern(name, entry):
             if negated:
                 return False
             matched = True
@@ -66,13 +74,7 @@ def match_address(addr: str, pattern_list: str) -> bool | None:
     except ValueError:
         address = None
     matched: bool | None = None
-    for entry in pattern_list.split(","):
-        entry = entry.strip()
-        negated = entry.startswith("!")
-        if negated:
-            entry = entry[1:]
-        if not entry:
-            continue
+    for entry, negated in _entries(pattern_list):
         if "/" in entry:
             try:
                 network = ipaddress.ip_network(entry, strict=True)
