@@ -41,6 +41,8 @@ MAX_CONNECTION_WINDOW_GROWTH = 128 * 1024 * 1024
 # A forwarded socket is read before its channel is confirmed (no pause/resume per connection); past this much
 # buffered, reading pauses until the channel opens.
 MAX_EARLY_SOCKET_BYTES = 256 * 1024
+# A forward's first bytes sent inside its CHANNEL_OPEN (messages.OPEN_DATA_EXTENSION); a server refuses more.
+MAX_OPEN_DATA = 32 * 1024
 
 # Keys and ssh-agent, as OpenSSH's SSH_RSA_MINIMUM_MODULUS_SIZE, SSHBUF_MAX_BIGNUM, AGENT_MAX_LEN and
 # MAX_AGENT_IDENTITIES

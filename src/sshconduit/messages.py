@@ -376,6 +376,13 @@ class _Tail:
         reader.expect_end()
         return cls(*values)
 
+    @classmethod
+    def decode_with_rest(cls, data: bytes) -> tuple[Any, bytes]:
+        """Decode a prefix of ``data``; the bytes after it are returned for an extension's fields."""
+        reader = Reader(data)
+        values = [dec(reader) for _, _, dec in cls._fields]
+        return cls(*values), reader.raw(reader.remaining)
+
 
 class DirectTcpip(_Tail):
     """CHANNEL_OPEN "direct-tcpip" and "forwarded-tcpip" (RFC 4254 7.1, 7.2)."""
@@ -392,6 +399,18 @@ class DirectStreamlocal(_Tail):
     socket_path: Text
     reserved_host: Text = ""
     reserved_port: U32 = 0
+
+
+# EXT_INFO from an sshconduit server: it takes a forward's first bytes inside the CHANNEL_OPEN, so the client
+# need not wait a round trip for OPEN_CONFIRMATION before the first request (as TCP Fast Open does for SYN).
+OPEN_DATA_EXTENSION = "open-data@sshconduit"
+
+
+class OpenData(_Tail):
+    """After a direct-tcpip or direct-streamlocal CHANNEL_OPEN's own fields, to a server that advertised
+    OPEN_DATA_EXTENSION: the first bytes of the stream, written to the destination once it is connected."""
+
+    data: Str
 
 
 class ForwardedStreamlocal(_Tail):

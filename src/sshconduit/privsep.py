@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import chroot, limits
-from .forward.remote import _listening_socket, _unix_listening_socket
+from .forward.remote import LISTEN_BACKLOG
+from .forward.socket_stream import listening_socket, unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
 
@@ -376,9 +377,11 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
             made = unix
         elif op == "listen_tcp":
             family, kind, proto = int(request["family"]), int(request["kind"]), int(request["proto"])
-            made = _listening_socket(family, kind, proto, tuple(request["sockaddr"]))
+            made = listening_socket(family, kind, proto, tuple(request["sockaddr"]), LISTEN_BACKLOG)
         elif op == "listen_unix":
-            made = _unix_listening_socket(str(request["path"]), int(request["mask"]), bool(request["unlink"]))
+            made = unix_listening_socket(
+                str(request["path"]), int(request["mask"]), bool(request["unlink"]), LISTEN_BACKLOG
+            )
         else:
             code = errno.EINVAL
     except socket.gaierror as exc:

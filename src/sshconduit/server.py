@@ -10,7 +10,7 @@ import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import audit, chroot, connection, keepalive, limits, pam_session, privsep, session_policy
+from . import audit, chroot, connection, keepalive, limits, messages, pam_session, privsep, session_policy
 from .aio import ChannelHandler, SSHConnection
 from .crypto import keys
 from .errors import ChannelOpenError, Disconnected, DisconnectReason
@@ -80,7 +80,7 @@ class ServerConnectionHandler:
         if kind == "session":
             return self._session(conn, await self._pam_environment(conn))
         if kind == "direct-tcpip":
-            req = direct.decode_direct_tcpip(event.type_data)
+            req, open_data = direct.decode_direct_tcpip(event.type_data)
             denial = self.policy.local_forwarding_denial(req.host, req.port)
             label = f"{conn.user}@{conn.peername[0]}: direct-tcpip to {req.host}:{req.port}"
             destination = f"{req.host}:{req.port}"
@@ -89,18 +89,18 @@ class ServerConnectionHandler:
                 audit.refused(conn.user, conn.peername[0], kind, destination, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
             log.debug("%s: originator %s port %d", label, req.originator_host, req.originator_port)
-            opening = direct.connect_tcp(req.host, req.port, label, self._helper(conn))
+            opening = direct.connect_tcp(req.host, req.port, label, self._helper(conn), open_data)
             bridge = await _open_audited(conn, kind, destination, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, destination)
         if kind == "direct-streamlocal@openssh.com":
-            req_unix = direct.decode_direct_streamlocal(event.type_data)
+            req_unix, open_data = direct.decode_direct_streamlocal(event.type_data)
             path = req_unix.socket_path
             denial = self.policy.streamlocal_forwarding_denial()
             if denial is not None:
                 log.info("refused streamlocal forward to %s for %s (%s)", path, conn.user, denial)
                 audit.refused(conn.user, conn.peername[0], kind, path, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
-            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}", self._helper(conn))
+            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}", self._helper(conn), open_data)
             bridge = await _open_audited(conn, kind, path, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, path)
         raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")
@@ -195,6 +195,7 @@ def make_server_connection(options: ServerOptions) -> SSHConnection:
         policy.local_address, policy.local_port = conn.local_address, conn.local_port
 
     conn.connection_made_hook = made
+    conn.core.ext_info[messages.OPEN_DATA_EXTENSION] = b"0"  # open_channel writes a forward's open data
 
     def authenticated() -> None:
         if policy.chroot_directory is None or handler.enter_chroot(conn):

@@ -158,6 +158,8 @@ class Transport:
         self.host_key: keys.PublicKey | None = None
         self.strict_kex = False
         self.peer_ext_info = False  # the peer asked for EXT_INFO from us
+        self.ext_info: dict[str, bytes] = {}  # server: what our EXT_INFO adds to server-sig-algs
+        self.peer_extensions: dict[str, bytes] = {}  # client: the server's EXT_INFO
         self.server_sig_algs: tuple[str, ...] | None = None
         self._kex_count = 0  # completed exchanges
         self._our_kexinit: bytes | None = None
@@ -516,7 +518,9 @@ class Transport:
 
     def _server_ext_info(self) -> messages.ExtInfo:
         # Every user-key signature algorithm we can verify (RFC 8308 3.1).
-        return messages.ExtInfo.from_pairs({"server-sig-algs": ",".join(DEFAULT_HOST_KEY_ALGORITHMS).encode()})
+        return messages.ExtInfo.from_pairs(
+            {"server-sig-algs": ",".join(DEFAULT_HOST_KEY_ALGORITHMS).encode(), **self.ext_info}
+        )
 
     def _on_newkeys(self, events: list[object]) -> None:
         if self._pending_keys is None or self._newkeys_received:
@@ -545,6 +549,7 @@ class Transport:
         msg = messages.decode_message(payload)
         assert isinstance(msg, messages.ExtInfo)
         extensions = msg.pairs()
+        self.peer_extensions = extensions
         sig_algs = extensions.get("server-sig-algs")
         if sig_algs is not None:
             self.server_sig_algs = tuple(sig_algs.decode("ascii", "replace").split(","))

@@ -18,6 +18,7 @@ from typing import cast
 from .. import limits
 from ..aio import ChannelHandler
 from ..errors import ChannelOpenError
+from .socket_stream import Stream
 
 log = logging.getLogger("sshconduit.forward")
 
@@ -73,10 +74,10 @@ class StreamBridge(ChannelHandler):
     ) -> None:
         self.label = label
         self.counters = counters or ForwardCounters()
-        self.on_socket_made: Callable[[StreamBridge, asyncio.Transport], None] | None = None
+        self.on_socket_made: Callable[[StreamBridge, Stream], None] | None = None
         self.on_finish: Callable[[StreamBridge, float], None] | None = None  # the audit trail: (bridge, seconds)
         self._on_open_failed = on_open_failed
-        self.sock: asyncio.Transport | None = None
+        self.sock: Stream | None = None
         self.protocol = _SocketSide(self)
         self.writing_paused = False
         self._channel_ready = False
@@ -97,7 +98,7 @@ class StreamBridge(ChannelHandler):
 
     # --- socket side ---
 
-    def socket_made(self, sock: asyncio.Transport) -> None:
+    def socket_made(self, sock: Stream) -> None:
         self.sock = sock
         self._counted = True
         self.counters.connections += 1
@@ -121,8 +122,7 @@ class StreamBridge(ChannelHandler):
 
     def _send(self, view: memoryview) -> None:
         sent = self.conn.send_data(self.channel_id, view)
-        self.bytes_out += sent
-        self.counters.bytes_out += sent
+        self.count_out(sent)
         if sent < len(view):
             self._pending = view[sent:]
             self._pause_reading()
@@ -206,8 +206,7 @@ class StreamBridge(ChannelHandler):
         else:
             self.sock.writelines(batch)
         n = sum(map(len, batch))
-        self.bytes_in += n
-        self.counters.bytes_in += n
+        self.count_in(n)
         if self.writing_paused:
             self._unconsumed += n
         else:
@@ -232,6 +231,16 @@ class StreamBridge(ChannelHandler):
             self.sock.abort()
 
     # --- both ---
+
+    def count_out(self, n: int) -> None:
+        """Bytes from the socket into the channel (also those sent in the CHANNEL_OPEN)."""
+        self.bytes_out += n
+        self.counters.bytes_out += n
+
+    def count_in(self, n: int) -> None:
+        """Bytes from the channel to the socket (also the open data a server wrote)."""
+        self.bytes_in += n
+        self.counters.bytes_in += n
 
     def _maybe_send_eof(self) -> None:
         if (

@@ -14,6 +14,7 @@ from ..aio import SSHConnection
 from ..config.forward_spec import ForwardSpec
 from ..errors import ChannelOpenError, SSHError
 from .bridge import ForwardCounters, StreamBridge
+from .socket_stream import SocketStream, Stream, StreamListener, listen_stream
 
 log = logging.getLogger("sshconduit.forward")
 
@@ -52,7 +53,7 @@ class LocalForward:
         self.counters = ForwardCounters()
         self.port: int | None = None
         self.path: str | None = None
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | StreamListener] = []
 
     @property
     def destination(self) -> str:
@@ -77,21 +78,16 @@ class LocalForward:
         errors: list[ForwardError] = []
         for host in listen_hosts(spec.listen_host, self.gateway_ports):
             try:
-                server = await loop.create_server(
-                    self._new_bridge,
-                    host,
-                    port if self.port is None else self.port,
-                    reuse_address=True,
-                    backlog=limits.FORWARD_LISTEN_BACKLOG,
-                )
+                bind_port = port if self.port is None else self.port
+                sockets = await listen_stream(host, bind_port, limits.FORWARD_LISTEN_BACKLOG)
             except OSError as exc:
                 if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     continue  # no IPv6 loopback on this machine
                 errors.append(bind_error(host or "0.0.0.0", port, exc))
                 continue
-            self._servers.append(server)
+            self._servers.append(StreamListener(sockets, self._new_bridge))
             if self.port is None:
-                self.port = server.sockets[0].getsockname()[1]
+                self.port = sockets[0].getsockname()[1]
         if not self._servers:
             raise errors[0]
         for err in errors:
@@ -105,23 +101,34 @@ class LocalForward:
         bridge.on_socket_made = self._open_channel
         return bridge.protocol
 
-    def _open_channel(self, bridge: StreamBridge, sock: asyncio.Transport) -> None:
+    def _open_channel(self, bridge: StreamBridge, sock: Stream) -> None:
         spec = self.spec
         try:
             if spec.connect_path is not None:
-                data = messages.DirectStreamlocal(spec.connect_path, "", 0).encode()
-                channel_id = self.conn.open_channel(bridge, "direct-streamlocal@openssh.com", data)
+                kind, data = "direct-streamlocal@openssh.com", messages.DirectStreamlocal(spec.connect_path, "", 0)
             else:
                 peer = sock.get_extra_info("peername")
                 orig_host, orig_port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("127.0.0.1", 0)
+                kind = "direct-tcpip"
                 data = messages.DirectTcpip(spec.connect_host or "", spec.connect_port or 0, orig_host, orig_port)
-                channel_id = self.conn.open_channel(bridge, "direct-tcpip", data.encode())
+            channel_id = self.conn.open_channel(bridge, kind, data.encode() + self._open_data(bridge, sock))
         except SSHError as exc:
             log.error("local forward: %s", exc)
             sock.abort()
             return
         bridge.label = f"channel {channel_id}: forward to {self.destination}"
         log.debug("Connection to port %s forwarding to %s requested.", self.port or self.path, self.destination)
+
+    def _open_data(self, bridge: StreamBridge, sock: Stream) -> bytes:
+        """What the client has sent already, for a server that takes it in the CHANNEL_OPEN: the first request
+        then costs no round trip for OPEN_CONFIRMATION."""
+        if not isinstance(sock, SocketStream) or messages.OPEN_DATA_EXTENSION not in self.conn.core.peer_extensions:
+            return b""
+        first = sock.read_now(limits.MAX_OPEN_DATA)
+        if not first:
+            return b""
+        bridge.count_out(len(first))
+        return messages.OpenData(first).encode()
 
     def _open_failed(self, bridge: StreamBridge, error: ChannelOpenError) -> None:
         log.error("channel %d: open failed: %s", bridge.channel_id, str(error).removeprefix("open failed: "))

@@ -26,6 +26,7 @@ from ..errors import ChannelOpenError, ProtocolError, SSHError
 from ..policy import ServerPolicy
 from ..wire import pack_u32
 from .bridge import ForwardCounters, StreamBridge
+from .socket_stream import Stream, StreamListener, listening_socket, unix_listening_socket
 
 if TYPE_CHECKING:
     from ..privsep import ForwardHelper
@@ -77,7 +78,7 @@ class RemoteListener:
     port: int  # as requested (0 for "allocate one")
     bound_port: int = 0
     path: str | None = None
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[StreamListener] = field(default_factory=list)
     counters: ForwardCounters = field(default_factory=ForwardCounters)
     helper: ForwardHelper | None = None  # privsep: the socket file is the user's, removed by the user's helper
 
@@ -199,10 +200,8 @@ class RemoteForwards:
                     if self.helper is not None:
                         sock = await self.helper.listen_tcp(family, kind, proto, address)
                     else:
-                        sock = _listening_socket(family, kind, proto, address)
-                    server = await loop.create_server(
-                        lambda: self._new_tcp_bridge(listener), sock=sock, backlog=LISTEN_BACKLOG
-                    )
+                        sock = listening_socket(family, kind, proto, address, LISTEN_BACKLOG)
+                    server = StreamListener([sock], lambda: self._new_tcp_bridge(listener))
                 except OSError as exc:
                     if family == socket.AF_INET6 and exc.errno in NO_IPV6 and len(hosts) > 1:
                         continue
@@ -226,7 +225,7 @@ class RemoteForwards:
         bridge.on_socket_made = lambda b, sock: self._open_tcp_channel(listener, b, sock)
         return bridge.protocol
 
-    def _open_tcp_channel(self, listener: RemoteListener, bridge: StreamBridge, sock: asyncio.Transport) -> None:
+    def _open_tcp_channel(self, listener: RemoteListener, bridge: StreamBridge, sock: Stream) -> None:
         peer = sock.get_extra_info("peername")
         orig_host, orig_port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         data = messages.DirectTcpip(listener.address, listener.bound_port, orig_host, orig_port).encode()
@@ -252,17 +251,14 @@ class RemoteForwards:
         if not self._room_for_one_more(f"path {path}"):
             return None
         listener = RemoteListener("", 0, path=None)
-        loop = asyncio.get_running_loop()
         self._binding += 1
         try:
             mask, unlink_first = self.policy.stream_local_bind_mask, self.policy.stream_local_bind_unlink
             if self.helper is not None:
                 sock = await self.helper.listen_unix(path, mask, unlink_first)
             else:
-                sock = _unix_listening_socket(path, mask, unlink_first)
-            server = await loop.create_unix_server(
-                lambda: self._new_unix_bridge(path, listener), sock=sock, backlog=LISTEN_BACKLOG
-            )
+                sock = unix_listening_socket(path, mask, unlink_first, LISTEN_BACKLOG)
+            server = StreamListener([sock], lambda: self._new_unix_bridge(path, listener))
         except OSError as exc:
             log.error("bind %s: %s", path, _strerror(exc))
             log.error("cannot listen to path: %s", path)
@@ -285,7 +281,7 @@ class RemoteForwards:
         bridge.on_socket_made = lambda b, sock: self._open_unix_channel(path, b, sock)
         return bridge.protocol
 
-    def _open_unix_channel(self, path: str, bridge: StreamBridge, sock: asyncio.Transport) -> None:
+    def _open_unix_channel(self, path: str, bridge: StreamBridge, sock: Stream) -> None:
         data = messages.ForwardedStreamlocal(path).encode()
         try:
             channel_id = self.conn.open_channel(bridge, "forwarded-streamlocal@openssh.com", data)
@@ -324,38 +320,3 @@ class RemoteForwards:
 
 def _open_failed(bridge: StreamBridge, error: ChannelOpenError) -> None:
     log.info("%s: open failed: %s", bridge.label, str(error).removeprefix("open failed: "))
-
-
-def _listening_socket(family: int, kind: int, proto: int, sockaddr: tuple) -> socket.socket:
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" must not swallow IPv4's bind
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _unix_listening_socket(path: str, mask: int, unlink_first: bool) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if unlink_first:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        # the umask sets the socket's mode at bind; it is process-wide, but bind does not yield to the loop
-        old_mask = os.umask(mask)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_mask)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock

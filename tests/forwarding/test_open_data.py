@@ -1,0 +1,122 @@
+"""open-data@sshconduit: a -L connection's first bytes ride in its CHANNEL_OPEN to a conduitd that advertised the
+extension (no round trip for OPEN_CONFIRMATION first), and never to an sshd, which did not."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+
+import pytest
+from conftest import USER
+
+import sshconduit
+from sshconduit import limits, messages
+from sshconduit.errors import ChannelOpenError
+from sshconduit.forward import direct, local
+
+
+def recv_until_eof(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    out = bytearray()
+    while part := sock.recv(1 << 16):
+        out += part
+    return bytes(out)
+
+
+class Probe:
+    """Records what each forwarded connection sent inside its CHANNEL_OPEN (b"" when nothing)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open_data: list[bytes] = []
+        original = local.LocalForward._open_data
+
+        def recording(forward: local.LocalForward, bridge, sock) -> bytes:  # type: ignore[no-untyped-def]
+            tail = original(forward, bridge, sock)
+            self.open_data.append(messages.OpenData.decode(tail).data if tail else b"")
+            return tail
+
+        monkeypatch.setattr(local.LocalForward, "_open_data", recording)
+
+
+def hash_service() -> tuple[socket.socket, list[bytes]]:
+    """Reads each connection to EOF, then answers with the SHA-256 of what it got; keeps what it got."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        def one(conn: socket.socket) -> None:
+            with conn:
+                data = recv_until_eof(conn, 20)
+                received.append(data)
+                conn.sendall(hashlib.sha256(data).digest())
+
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, received
+
+
+def send_first_then_read(port: int, payload: bytes) -> bytes:
+    """The client speaks first: everything sent right after connect, then EOF; returns the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return recv_until_eof(s, 20)
+
+
+@pytest.mark.parametrize("server_kind", ["conduitd", "sshd"])
+def test_first_bytes_ride_in_the_open_only_to_conduitd(
+    server_kind, keyset, conduitd_server, openssh_server, monkeypatch
+):
+    probe = Probe(monkeypatch)
+    service, received = hash_service()
+    payload = os.urandom(100 * 1024)  # more than MAX_OPEN_DATA: the rest must follow in order
+
+    async def main(port: int) -> tuple[bytes, bytes, dict[str, bytes]]:
+        client = await sshconduit.connect("127.0.0.1", port, username=USER, client_keys=[str(keyset.client_key)],
+                                          known_hosts=(), strict_host_key_checking="no")  # fmt: skip
+        async with client, client.forward_local(0, "127.0.0.1", service.getsockname()[1]) as fwd:
+            small = await asyncio.to_thread(send_first_then_read, fwd.port, b"hello")
+            big = await asyncio.to_thread(send_first_then_read, fwd.port, payload)
+            return small, big, dict(client.conn.core.peer_extensions)
+
+    start = conduitd_server if server_kind == "conduitd" else openssh_server
+    with start() as daemon:
+        small, big, extensions = asyncio.run(main(daemon.port))
+    service.close()
+    assert small == hashlib.sha256(b"hello").digest()
+    assert big == hashlib.sha256(payload).digest()
+    assert sorted(received, key=len) == [b"hello", payload]
+    if server_kind == "conduitd":
+        assert messages.OPEN_DATA_EXTENSION in extensions
+        # what was there at accept time went in the open (the client wrote it before connect returned to us,
+        # so at least its first segment), and never more than the limit
+        assert len(probe.open_data) == 2
+        assert all(0 < len(d) <= limits.MAX_OPEN_DATA for d in probe.open_data)
+        assert probe.open_data[0] in (b"hello", b"hell", b"hel", b"he", b"h")
+        assert payload.startswith(probe.open_data[1])
+    else:
+        assert messages.OPEN_DATA_EXTENSION not in extensions
+        assert probe.open_data == [b"", b""]
+
+
+def test_open_data_decoding_and_its_limit() -> None:
+    request = messages.DirectTcpip("10.0.0.1", 80, "127.0.0.1", 5555)
+    plain = request.encode()
+    assert direct.decode_direct_tcpip(plain) == (request, b"")
+    assert direct.decode_direct_tcpip(plain + messages.OpenData(b"GET /").encode()) == (request, b"GET /")
+    streamlocal = messages.DirectStreamlocal("/run/x.sock")
+    tail = messages.OpenData(b"x" * limits.MAX_OPEN_DATA).encode()
+    assert direct.decode_direct_streamlocal(streamlocal.encode() + tail) == (streamlocal, b"x" * limits.MAX_OPEN_DATA)
+    too_much = messages.OpenData(b"x" * (limits.MAX_OPEN_DATA + 1)).encode()
+    for bad in (plain + too_much, plain + b"\x00\x00\x00\x09abc", plain + tail + b"!"):
+        with pytest.raises(ChannelOpenError, match="bad direct-tcpip request"):
+            direct.decode_direct_tcpip(bad)
