@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from . import auth, connection, limits, messages
+from . import auth, connection, evloop, limits, messages
 from .crypto import keys
 from .errors import ChannelOpenError, Disconnected, DisconnectReason, HostKeyError, ProtocolError, SSHError
 from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Transport, TransportConfig
@@ -478,7 +478,7 @@ class SSHConnection(asyncio.Protocol):
             if handler:
                 handler.close_received()
         elif isinstance(event, connection.ChannelOpenRequest):
-            self.loop.create_task(self._answer_channel_open(event))
+            evloop.start_eagerly(self._answer_channel_open(event))
         elif isinstance(event, connection.ChannelOpened):
             handler = self.handlers.get(event.channel_id)
             if handler:

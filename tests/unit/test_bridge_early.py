@@ -31,6 +31,9 @@ class FakeSocket:
     def write_eof(self) -> None:
         self.calls.append("eof")
 
+    def close(self) -> None:
+        self.calls.append("close")
+
 
 class FakeConnection:
     """Takes at most ``window`` bytes of channel data, like a peer's window."""
@@ -41,6 +44,7 @@ class FakeConnection:
         self.eofs = 0
         self.batch_end: list = []
         self.consumed_bytes = 0
+        self.closed: list[int] = []
 
     def at_batch_end(self, callback) -> None:  # type: ignore[no-untyped-def]
         self.batch_end.append(callback)
@@ -64,7 +68,7 @@ class FakeConnection:
         self.eofs += 1
 
     def close_channel(self, channel_id: int) -> None:
-        pass
+        self.closed.append(channel_id)
 
 
 def make_bridge(window: int) -> tuple[StreamBridge, FakeSocket, FakeConnection]:
@@ -130,3 +134,17 @@ def test_the_packets_of_one_read_reach_the_socket_in_one_write_and_before_the_eo
     bridge.eof_received()  # EOF in the same read: the data goes out first
     conn.end_batch()
     assert sock.calls[1:] == ["write b'last'", "eof"]
+
+
+def test_a_socket_lost_after_the_channel_closed_leaves_the_channel_number_alone() -> None:
+    """The socket's connection_lost comes a loop turn after close_received; by then a new channel may have the
+    same number (the lowest free one is reused), and closing "our" channel would close that one."""
+    bridge, _sock, conn = make_bridge(window=1 << 30)
+    bridge.opened(b"")
+    bridge.close_received()
+    bridge.socket_lost()
+    assert conn.closed == []
+    bridge, _sock, conn = make_bridge(window=1 << 30)
+    bridge.opened(b"")
+    bridge.socket_lost()  # the socket went first: the channel must be closed
+    assert conn.closed == [0]

@@ -134,6 +134,8 @@ class StreamBridge(ChannelHandler):
 
     def socket_lost(self) -> None:
         self.sock = None
+        if self._finished:
+            return  # the channel went first: its number may already be a new channel's
         self._finish()
         if self._channel_ready:
             self.conn.close_channel(self.channel_id)

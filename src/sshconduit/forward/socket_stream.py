@@ -381,6 +381,9 @@ async def connect_socket(sock: socket.socket, address: Any) -> None:
     sock.setblocking(False)
     code = sock.connect_ex(address)
     if code in (errno.EINPROGRESS, errno.EAGAIN):
+        with contextlib.suppress(OSError):
+            sock.getpeername()  # a loopback connect is done inside connect(): no loop turn to wait for it
+            return
         fd = sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
 
