@@ -49,6 +49,15 @@ class Recorder(asyncio.Protocol):
         self.lost.set_result(exc)
 
 
+def started_pair() -> tuple[SocketStream, Recorder, socket.socket]:
+    """A started stream over one end of a socketpair, its protocol, and the other end."""
+    ours, theirs = socket.socketpair()
+    proto = Recorder()
+    stream = SocketStream(ours, proto)
+    stream.start()
+    return stream, proto, theirs
+
+
 def run(loop_kind: str, main: Callable[[], Awaitable[None]]) -> None:
     if loop_kind == "uvloop":
         uvloop.run(asyncio.wait_for(main(), 20))
@@ -78,10 +87,7 @@ def test_writes_queue_pause_and_resume_then_close_delivers_everything(loop_kind:
     payload = bytes(range(256)) * (BIG // 256)
 
     async def main() -> None:
-        ours, theirs = socket.socketpair()
-        proto = Recorder()
-        stream = SocketStream(ours, proto)
-        stream.start()
+        stream, proto, theirs = started_pair()
         stream.set_write_buffer_limits(high=256 * 1024)
         stream.write(payload[:1000])
         stream.writelines([payload[1000:5000], memoryview(payload)[5000:]])
@@ -100,10 +106,7 @@ def test_writes_queue_pause_and_resume_then_close_delivers_everything(loop_kind:
 @LOOPS
 def test_write_eof_waits_for_the_buffer_and_reading_goes_on(loop_kind: str) -> None:
     async def main() -> None:
-        ours, theirs = socket.socketpair()
-        proto = Recorder()
-        stream = SocketStream(ours, proto)
-        stream.start()
+        stream, proto, theirs = started_pair()
         stream.write(b"x" * BIG)
         stream.write_eof()
         got = await read_all(theirs)  # returns at the EOF, which must come after every byte
@@ -135,10 +138,7 @@ def test_peer_eof_closes_when_the_protocol_says_so_and_abort_drops_the_buffer(lo
         assert proto.events == ["made", "eof", "lost"]
         theirs.close()
 
-        ours, theirs = socket.socketpair()
-        proto = Recorder()
-        stream = SocketStream(ours, proto)
-        stream.start()
+        stream, proto, theirs = started_pair()
         stream.write(b"y" * BIG)
         stream.abort()
         assert stream.is_closing()

@@ -323,22 +323,20 @@ async def listen_stream(host: str | None, port: int, backlog: int) -> list[socke
 
 def listening_socket(family: int, kind: int, proto: int, sockaddr: tuple, backlog: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
-    try:
+
+    def bind() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" must not swallow IPv4's bind
         sock.bind(sockaddr)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+
+    return _listening(sock, bind, backlog)
 
 
 def unix_listening_socket(path: str, mask: int, unlink_first: bool, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def bind() -> None:
         if unlink_first:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -348,6 +346,14 @@ def unix_listening_socket(path: str, mask: int, unlink_first: bool, backlog: int
             sock.bind(path)
         finally:
             os.umask(old_mask)
+
+    return _listening(sock, bind, backlog)
+
+
+def _listening(sock: socket.socket, bind: Callable[[], None], backlog: int) -> socket.socket:
+    """bind(), listen and go non-blocking, or close the socket and raise bind's or listen's OSError."""
+    try:
+        bind()
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
