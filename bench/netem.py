@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 SSH_PORT = 2201
 CONDUITD_PORT = 2202
@@ -330,20 +332,11 @@ def start_servers(hosts: HostPair, tmp: Path, stack: contextlib.ExitStack) -> No
     ]  # fmt: skip
     procs += [p for port in (SSH_PORT, CONDUITD_PORT) if (p := hosts.start_relay(port)) is not None]
     for proc in procs:
-        stack.callback(_stop, proc)
+        stack.callback(stop_process, proc)
     time.sleep(1.5)  # sshd and conduitd bind their addresses
     for proc in procs:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 BYTES = [128 << 20]
@@ -368,7 +361,7 @@ def measure(
             capture_output=True, text=True, timeout=timeout + 30,
         )  # fmt: skip
         if out.returncode != 0:
-            _stop(tunnel)
+            stop_process(tunnel)
             said = tunnel.stderr.read().decode(errors="replace") if tunnel.stderr else ""
             raise RuntimeError(f"fetch through {client[-1]} failed: {out.stderr.strip()[-300:]}; client: {said[-500:]}")
         got, seconds = out.stdout.split()
@@ -376,7 +369,7 @@ def measure(
             raise RuntimeError(f"fetch through {client[-1]} got {got} of {BYTES[0]} bytes")
         return BYTES[0] / float(seconds) / 1e6
     finally:
-        _stop(tunnel)
+        stop_process(tunnel)
 
 
 def compare(

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+from run import free_port, stop_process, wait_port  # noqa: E402
 
 from sshconduit.rlimits import raise_nofile  # noqa: E402
 
@@ -44,12 +45,6 @@ CONNECTS_IN_FLIGHT = 256  # concurrent connect()s: a burst beyond the listen bac
 SSH_CONNECTS_IN_FLIGHT = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process, in KiB, and how many fds it holds."""
     out: dict[str, int] = {}
@@ -59,17 +54,6 @@ def status(pid: int) -> dict[str, int]:
             out[key] = int(value.split()[0])
     out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 
 # --- the echo service (its own process, so its sockets are not counted in anyone's RSS) ---
@@ -110,7 +94,7 @@ def start(tmp: Path, stack: contextlib.ExitStack, privsep: str = "no") -> tuple[
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     echo = subprocess.Popen([sys.executable, __file__, "echo", str(echo_port)], **quiet)  # type: ignore[call-overload]
-    stack.callback(_stop, echo)
+    stack.callback(stop_process, echo, 10)
     conduitd = subprocess.Popen(
         [sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(tmp / "conduitd_config")],
         env=env,
@@ -118,19 +102,10 @@ def start(tmp: Path, stack: contextlib.ExitStack, privsep: str = "no") -> tuple[
         preexec_fn=_as_started,
         **quiet,  # type: ignore[arg-type]
     )
-    stack.callback(_stop, conduitd)
-    wait_port(echo_port, echo)
-    wait_port(port, conduitd)
+    stack.callback(stop_process, conduitd, 10)
+    wait_port(echo_port, echo, 30.0)
+    wait_port(port, conduitd, 30.0)
     return conduitd, port, echo_port
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 # --- the clients ---
@@ -175,8 +150,8 @@ def run_channels(count: int, timeout: float, privsep: str = "no") -> dict[str, o
             env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), preexec_fn=_as_started,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        stack.callback(_stop, conduit)
-        wait_port(lport, conduit)
+        stack.callback(stop_process, conduit, 10)
+        wait_port(lport, conduit, 30.0)
         time.sleep(0.5)  # the probe connection's channel closes
         before = {"conduit": status(conduit.pid), "conduitd": status(conduitd.pid)}
         started = time.monotonic()

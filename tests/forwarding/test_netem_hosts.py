@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 NETEM = Path(__file__).resolve().parents[2] / "bench" / "netem.py"
+sys.path.insert(0, str(NETEM.parent))  # netem.py imports its sibling run.py, as when run as a script
 _spec = importlib.util.spec_from_file_location("bench_netem", NETEM)
 assert _spec is not None and _spec.loader is not None
 netem = importlib.util.module_from_spec(_spec)
