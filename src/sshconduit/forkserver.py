@@ -46,6 +46,18 @@ REAP_INTERVAL = 1.0  # seconds between collecting exited children when no connec
 STOP_WAIT = 5.0  # seconds a retired fork server has to exit before it is killed
 
 
+def recv_ready(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[int]] | None:
+    """One message and the descriptors that came with it from a non-blocking socket; None when nothing is there
+    yet. An error reads as the peer gone: (b"", [])."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, max_size, max_fds)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b"", []
+    return data, fds
+
+
 # --- the daemon's side ---
 
 
@@ -136,12 +148,10 @@ class _Server:
             self._close_control()  # the next fork starts a new one, which loads the file
 
     def _readable(self) -> None:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_CONTROL_MESSAGE, 1)
-        except (BlockingIOError, InterruptedError):
+        received = recv_ready(self.sock, MAX_CONTROL_MESSAGE, 1)
+        if received is None:
             return
-        except OSError:
-            data, fds = b"", []
+        data, fds = received
         if not data:
             self._close_control()
             return

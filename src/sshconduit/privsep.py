@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import chroot, limits
+from .forkserver import recv_ready
 from .forward.remote import LISTEN_BACKLOG
 from .forward.socket_stream import listening_socket, unix_listening_socket
 
@@ -166,12 +167,10 @@ class ForwardHelper:
 
     def _on_readable(self) -> None:
         assert self._sock is not None
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
-        except (BlockingIOError, InterruptedError):
+        received = recv_ready(self._sock, MAX_MESSAGE, 1)
+        if received is None:
             return
-        except OSError:
-            data, fds = b"", []
+        data, fds = received
         if not data:
             self.close()
             return

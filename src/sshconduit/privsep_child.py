@@ -42,7 +42,7 @@ from .config.authorized_keys import KeyOptions
 from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
-from .forkserver import ForkServer, wait_exit
+from .forkserver import ForkServer, recv_ready, wait_exit
 from .pam_monitor import PAM_OPS, MonitorExchange, PamMonitorOps, monitor_pam_session
 from .policy import ServerPolicy
 from .server import ServerOptions
@@ -185,12 +185,10 @@ class Monitor(PamMonitorOps):
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        try:
-            data, received, _flags, _addr = socket.recv_fds(self.sock, MAX_MONITOR_MESSAGE, 1)
-        except (BlockingIOError, InterruptedError):
+        message = recv_ready(self.sock, MAX_MONITOR_MESSAGE, 1)
+        if message is None:
             return
-        except OSError:
-            data, received = b"", []
+        data, received = message
         if not data:
             for fd in received:
                 os.close(fd)
