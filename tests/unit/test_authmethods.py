@@ -63,7 +63,8 @@ def signed_request(key: keys.PrivateKey, user: str = "alice") -> messages.Userau
     return auth.publickey_request(user, ALG, blob, signature)
 
 
-def server(policy: FakePolicy) -> tuple[auth.ServerAuth, list[messages.Message]]:
+def server(policy: auth.AuthPolicy) -> tuple[auth.ServerAuth, list[messages.Message]]:
+    """A ServerAuth past the service request, and the list of what it sends."""
     sent: list[messages.Message] = []
     server_auth = auth.ServerAuth(lambda payload: sent.append(messages.decode_message(payload)), SESSION_ID, policy)
     server_auth.handle(messages.ServiceRequest(auth.SERVICE_USERAUTH))

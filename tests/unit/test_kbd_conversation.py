@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from test_authmethods import ALG, SESSION_ID, server
 
 from sshconduit import auth, messages
 from sshconduit.crypto import keys
@@ -19,9 +20,6 @@ from sshconduit.policy import ServerPolicy
 from sshconduit.privsep_child import Monitor, _b64
 from sshconduit.server import ServerOptions
 from sshconduit.system_password import SystemPasswordChecker
-
-SESSION_ID = b"S" * 32
-ALG = "ssh-ed25519"
 
 
 class ConversationPolicy:
@@ -41,14 +39,6 @@ class ConversationPolicy:
 
     def account_check_needed(self, method: str) -> bool:
         return method == "publickey"
-
-
-def server(policy: ConversationPolicy) -> tuple[auth.ServerAuth, list[messages.Message]]:
-    sent: list[messages.Message] = []
-    server_auth = auth.ServerAuth(lambda payload: sent.append(messages.decode_message(payload)), SESSION_ID, policy)
-    server_auth.handle(messages.ServiceRequest(auth.SERVICE_USERAUTH))
-    sent.clear()
-    return server_auth, sent
 
 
 def kbd_request() -> messages.Message:
