@@ -26,6 +26,7 @@ Stream: TypeAlias = "asyncio.Transport | SocketStream"  # a bridge's socket side
 READ_SIZE = 256 * 1024  # one read takes what a burst left: the bridge packs it into packets in one go
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and kin, as asyncio's
 ACCEPTS_PER_WAKEUP = 64  # a burst of connections is taken in one wakeup, but a flood cannot starve the loop
+IOV_MAX = 1024  # buffers one sendmsg takes (Linux)
 _RETRY = (BlockingIOError, InterruptedError)
 _GONE_ON_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)  # the client left before we took it
 
@@ -46,7 +47,6 @@ class SocketStream:
         self._reading = False
         self._closing = False  # close() called: finish writing, then close
         self._eof_pending = False  # write_eof() called with data still buffered
-        self._extra: dict[str, Any] = {}
         sock.setblocking(False)
 
     def start(self) -> None:
@@ -92,78 +92,44 @@ class SocketStream:
             self._reading = True
             self.loop.add_reader(self._fd, self._readable)
 
-    def is_reading(self) -> bool:
-        return self._reading
-
     # --- writing ---
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._sock is None or not data:
+        if data:
+            self.writelines([data])
+
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        if self._sock is None:
             return
         if not self._buffer:
             try:
-                sent = self._sock.send(data)
+                sent = self._sock.sendmsg(parts)  # one system call, no join
             except _RETRY:
                 sent = 0
             except OSError as exc:
                 self._lose(exc)
                 return
-            if sent == len(data):
+            parts = _unsent(parts, sent)
+            if not parts:
                 return
-            data = memoryview(data)[sent:]
             self.loop.add_writer(self._fd, self._writable)
-        self._buffer.append(data)
-        self._buffered += len(data)
+        self._buffer += parts
+        self._buffered += sum(map(len, parts))
         self._check_high_water()
-
-    def writelines(self, parts: list[bytes]) -> None:
-        if self._sock is None:
-            return
-        if self._buffer:
-            for part in parts:
-                self._buffer.append(part)
-                self._buffered += len(part)
-            self._check_high_water()
-            return
-        try:
-            sent = self._sock.sendmsg(parts)  # one system call, no join
-        except _RETRY:
-            sent = 0
-        except OSError as exc:
-            self._lose(exc)
-            return
-        for part in parts:
-            if sent >= len(part):
-                sent -= len(part)
-                continue
-            rest = memoryview(part)[sent:] if sent else part
-            sent = 0
-            self._buffer.append(rest)
-            self._buffered += len(rest)
-        if self._buffer:
-            self.loop.add_writer(self._fd, self._writable)
-            self._check_high_water()
 
     def _writable(self) -> None:
         sock = self._sock
         if sock is None:
             return
         try:
-            sent = sock.sendmsg(self._buffer[:1024])  # IOV_MAX
+            sent = sock.sendmsg(self._buffer[:IOV_MAX])
         except _RETRY:
             return
         except OSError as exc:
             self._lose(exc)
             return
         self._buffered -= sent
-        while sent:
-            first = self._buffer[0]
-            if sent >= len(first):
-                sent -= len(first)
-                del self._buffer[0]
-            else:
-                self._buffer[0] = memoryview(first)[sent:]
-                sent = 0
+        self._buffer = _unsent(self._buffer, sent)
         if self._writing_paused and self._buffered <= self._low:
             self._writing_paused = False
             self._protocol.resume_writing()
@@ -238,22 +204,22 @@ class SocketStream:
     # --- what a Transport tells ---
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name not in self._extra:
-            sock = self._sock
-            if sock is None:
-                return default
-            try:
-                if name == "peername":
-                    self._extra[name] = sock.getpeername()
-                elif name == "sockname":
-                    self._extra[name] = sock.getsockname()
-                elif name == "socket":
-                    return sock
-                else:
-                    return default
-            except OSError:
-                return default
-        return self._extra[name]
+        """Only "peername": what a forward asks of its socket."""
+        if name != "peername" or self._sock is None:
+            return default
+        try:
+            return self._sock.getpeername()
+        except OSError:
+            return default
+
+
+def _unsent(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` once the kernel took ``sent`` bytes of them."""
+    for i, part in enumerate(parts):
+        if sent < len(part):
+            return [memoryview(part)[sent:] if sent else part, *parts[i + 1 :]]
+        sent -= len(part)
+    return []
 
 
 def _address(sock: socket.socket) -> str:
