@@ -62,12 +62,7 @@ async def connect_unix(
         if helper is not None:
             sock = await helper.connect_unix(path)
         else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                await connect_socket(sock, path)
-            except OSError:
-                sock.close()
-                raise
+            sock = await connect_socket(socket.AF_UNIX, path)
     except OSError as exc:
         log.info("%s: connect to %s failed: %s", label, path, _reason(exc))
         raise ChannelOpenError(OPEN_CONNECT_FAILED, _reason(exc)) from None

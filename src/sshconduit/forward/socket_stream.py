@@ -335,20 +335,28 @@ async def connect_stream(host: str, port: int) -> socket.socket:
     except socket.gaierror:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError | None = None
-    for family, kind, proto, _name, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
+    for family, _kind, proto, _name, sockaddr in infos:
         try:
-            await connect_socket(sock, sockaddr)
-            return sock
+            return await connect_socket(family, sockaddr, proto)
         except OSError as exc:
-            sock.close()
             error = exc
     assert error is not None
     raise error
 
 
-async def connect_socket(sock: socket.socket, address: Any) -> None:
-    """Connect a fresh socket without blocking the loop; raises OSError with the plain reason."""
+async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.socket:
+    """A new stream socket connected to address without blocking the loop; on failure it is closed and the
+    OSError carries the plain reason."""
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        await _connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect(sock: socket.socket, address: Any) -> None:
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     code = sock.connect_ex(address)
