@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from . import auth, connection, evloop, limits, messages
@@ -211,7 +211,7 @@ class SSHConnection(asyncio.Protocol):
         """Flush LATE_FLUSH_TURNS loop turns from now: for what is on no critical path (a channel's EOF and CLOSE),
         so it shares a write with what the callbacks of the same poll lead to: the client's CHANNEL_OPEN for a
         forward's next connection (its connection_made runs after an already scheduled flush), the server's
-        OPEN_CONFIRMATION once the connect reported in the same poll has gone through create_connection."""
+        OPEN_CONFIRMATION for an open whose connect had to wait."""
         if not self._late_flush_scheduled:
             self._late_flush_scheduled = True
             self.loop.call_soon(self._late_flush, LATE_FLUSH_TURNS - 1)
@@ -337,23 +337,22 @@ class SSHConnection(asyncio.Protocol):
             if isinstance(event, auth.AuthSucceeded):
                 self._auth_succeeded(event)
             elif isinstance(event, auth.AuthFailed):
-                self._log_auth_failure(event)
+                self._log_auth("Failed", event)
             elif isinstance(event, auth.AuthPartial):
-                key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-                method = self._method_label(event.method)
-                log.info("Partial %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
+                self._log_auth("Partial", event)
             elif isinstance(event, auth.PasswordCheck):
-                task = self.loop.create_task(self._check_password(event))
-                self.cleanup_callbacks.append(task.cancel)
+                self._auth_task(self._check_password(event))
             elif isinstance(event, auth.KbdInteractiveStep):
-                task = self.loop.create_task(self._kbd_interactive(event))
-                self.cleanup_callbacks.append(task.cancel)
+                self._auth_task(self._kbd_interactive(event))
             elif isinstance(event, auth.AccountCheck):
-                task = self.loop.create_task(self._check_account(event))
-                self.cleanup_callbacks.append(task.cancel)
+                self._auth_task(self._check_account(event))
             elif isinstance(event, auth.KbdInteractiveAbandoned) and self._kbd_exchange is not None:
                 self._kbd_exchange.abort()
                 self._kbd_exchange = None
+
+    def _auth_task(self, check: Coroutine[Any, Any, None]) -> None:
+        """A check that blocks (PAM, crypt, the monitor) runs as a task the connection's end cancels."""
+        self.cleanup_callbacks.append(self.loop.create_task(check).cancel)
 
     async def _kbd_interactive(self, step: auth.KbdInteractiveStep) -> None:
         """One round of the policy's keyboard-interactive conversation (PAM); a failure is delayed as a password's."""
@@ -376,7 +375,7 @@ class SSHConnection(asyncio.Protocol):
         if isinstance(round_, auth.KbdFinished):
             self._kbd_exchange = None
             if not round_.ok:
-                await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+                await _failure_floor(started)
         self._after_auth_check(lambda: self.server_auth.kbd_interactive_round(step, round_))  # type: ignore[union-attr]
 
     async def _check_account(self, check: auth.AccountCheck) -> None:
@@ -412,30 +411,26 @@ class SSHConnection(asyncio.Protocol):
             log.error("password check for %s failed: %s", check.user, type(exc).__name__)
             ok = False
         if not ok:
-            await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+            await _failure_floor(started)
         self._after_auth_check(lambda: self.server_auth.password_checked(check, ok))  # type: ignore[union-attr]
 
     def _auth_succeeded(self, event: auth.AuthSucceeded) -> None:
         self.user = event.user
         if self._grace_timer:
             self._grace_timer.cancel()
-        key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        method = self._method_label(event.method)
-        log.info("Accepted %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
+        self._log_auth("Accepted", event)
         self.start_connection_layer()
         if self.auth_succeeded_hook is not None:
             self.auth_succeeded_hook()
 
-    def _method_label(self, method: str) -> str:
-        """sshd's name for a method in the log: keyboard-interactive/pam when PAM asked the questions."""
-        if method == "keyboard-interactive" and getattr(self._auth_policy, "kbd_interactive_conversation", False):
-            return "keyboard-interactive/pam"
-        return method
-
-    def _log_auth_failure(self, event: auth.AuthFailed) -> None:
+    def _log_auth(self, outcome: str, event: auth.AuthSucceeded | auth.AuthFailed | auth.AuthPartial) -> None:
+        """sshd's line: ``Accepted publickey for alice from 10.0.0.1 port 5555 ssh2: ED25519 SHA256:...``, with
+        keyboard-interactive/pam when PAM asked the questions."""
         key = f": {event.key.label} {event.key.fingerprint()}" if event.key else ""
-        method = self._method_label(event.method)
-        log.info("Failed %s for %s from %s port %d ssh2%s", method, event.user, *self.peername, key)
+        method = event.method
+        if method == "keyboard-interactive" and getattr(self._auth_policy, "kbd_interactive_conversation", False):
+            method = "keyboard-interactive/pam"
+        log.info("%s %s for %s from %s port %d ssh2%s", outcome, method, event.user, *self.peername, key)
 
     def start_connection_layer(self) -> None:
         # core.send, not self.send: each caller of the layer flushes as its message needs (EOF and CLOSE late)
@@ -599,6 +594,12 @@ class SSHConnection(asyncio.Protocol):
         if self.channels is not None and self.channels.is_open(channel_id):
             self.channels.send_request(channel_id, request_type, want_reply, data)
             self.schedule_flush()
+
+
+async def _failure_floor(started: float) -> None:
+    """A refused password or keyboard-interactive answer takes at least FAILED_PASSWORD_MIN_TIME from ``started``,
+    so guessing stays slow whatever the backend."""
+    await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
 
 
 def handler_window(handler: ChannelHandler, peer_is_us: bool = False) -> tuple[int, int]:
