@@ -375,7 +375,7 @@ class SSHConnection(asyncio.Protocol):
         if isinstance(round_, auth.KbdFinished):
             self._kbd_exchange = None
             if not round_.ok:
-                await _failure_floor(started)
+                await failure_floor(started)
         self._after_auth_check(lambda: self.server_auth.kbd_interactive_round(step, round_))  # type: ignore[union-attr]
 
     async def _check_account(self, check: auth.AccountCheck) -> None:
@@ -411,7 +411,7 @@ class SSHConnection(asyncio.Protocol):
             log.error("password check for %s failed: %s", check.user, type(exc).__name__)
             ok = False
         if not ok:
-            await _failure_floor(started)
+            await failure_floor(started)
         self._after_auth_check(lambda: self.server_auth.password_checked(check, ok))  # type: ignore[union-attr]
 
     def _auth_succeeded(self, event: auth.AuthSucceeded) -> None:
@@ -596,9 +596,9 @@ class SSHConnection(asyncio.Protocol):
             self.schedule_flush()
 
 
-async def _failure_floor(started: float) -> None:
+async def failure_floor(started: float) -> None:
     """A refused password or keyboard-interactive answer takes at least FAILED_PASSWORD_MIN_TIME from ``started``,
-    so guessing stays slow whatever the backend."""
+    so guessing stays slow whatever the backend (the privsep monitor waits too, for a subverted child)."""
     await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
 
 

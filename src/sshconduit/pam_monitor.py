@@ -15,7 +15,8 @@ import logging
 import time
 from typing import Any
 
-from . import limits, pam
+from . import pam
+from .aio import failure_floor
 from .auth import KbdFinished, KbdPrompts, KbdRound
 from .pam_kbdint import KbdExchange
 from .pam_session import PamSession
@@ -94,7 +95,7 @@ class PamMonitorOps:
                 if round_.ok:
                     self._method_succeeded(self.kbd_user, "keyboard-interactive")
                 else:  # here too: a subverted child must not guess faster than an honest one
-                    await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+                    await failure_floor(started)
             return encode_round(round_)
         if op == "check_account" and self.account_pending is not None:
             user, self.account_pending = self.account_pending, None

@@ -34,7 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import limits, pam_session, privsep
+from . import pam_session, privsep
+from .aio import failure_floor
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
 from .chroot import ChrootError, chroot_path
@@ -293,7 +294,7 @@ class Monitor(PamMonitorOps):
             log.info("monitor: bad password request from the connection process: %s", type(exc).__name__)
             ok = False
         if not ok:  # here too: a subverted child must not guess faster than an honest one
-            await asyncio.sleep(max(0.0, limits.FAILED_PASSWORD_MIN_TIME - (time.monotonic() - started)))
+            await failure_floor(started)
         if self.sock.fileno() >= 0:
             try:
                 self.sock.send(json.dumps({"ok": ok}).encode())
