@@ -17,8 +17,14 @@ class OpenSSHFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        if record.exc_info and record.levelno <= logging.DEBUG:
-            text += "\n" + self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            # An internal error (log.exception): name the exception on the line, and show where it came from
+            # when debugging (-d, -v, LogLevel DEBUG); a normal log stays one line per event, as OpenSSH's.
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                text += "\n" + self.formatException(record.exc_info)
+            else:
+                exc = record.exc_info[1]
+                text += f": {type(exc).__name__}: {exc}" if str(exc) else f": {type(exc).__name__}"
         prefix = _LEVEL_PREFIX.get(record.levelno, "")
         name = f"{self.program}: " if self.program and record.levelno >= logging.ERROR else ""
         return f"{prefix}{name}{text}"
