@@ -138,6 +138,10 @@ def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
             f"{sys.executable} {PEERS / 'asyncssh-forward'} client {{lport}} {{dhost}} {{dport}} "
             f"{ports['asyncssh']} {key}"
         )
+        out["asyncssh/gcm"] = (
+            f"{sys.executable} {HERE / 'asyncssh_client.py'} {GCM} {{lport}} {{dhost}} {{dport}} "
+            f"{ports['asyncssh']} {key}"
+        )
     if _has_module("sshtunnel"):
         out["sshtunnel-sshd/default"] = (
             f"{sys.executable} {PEERS / 'paramiko-forward'} {{lport}} {{dhost}} {{dport}} {ports['sshd']} {key}"
@@ -183,7 +187,8 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
     pairs += [
         ("conduit-conduitd-privsep/gcm", "openssh/gcm"),
         ("conduit-conduitd/default", "asyncssh/default"),
-        ("conduit-conduitd/gcm", "asyncssh/default"),
+        ("conduit-conduitd/gcm", "asyncssh/gcm"),
+        ("conduit-conduitd/gcm", "asyncssh/default"),  # the framing: AsyncSSH as it comes
         ("conduit-conduitd/default", "sshtunnel-sshd/default"),
     ]
     for a, b in pairs:
