@@ -329,13 +329,15 @@ class SSHClient:
         *,
         listen_host: str | None = None,
         gateway_ports: bool = False,
+        stream_local_bind_unlink: bool = False,
     ) -> LocalForward:
-        """``async with client.forward_local(0, "db", 5432) as fwd: fwd.port``; also takes an ``-L`` spec string."""
+        """``async with client.forward_local(0, "db", 5432) as fwd: fwd.port``; also takes an ``-L`` spec string.
+        A unix-socket listener fails on an existing file unless ``stream_local_bind_unlink`` (as ssh's option)."""
         if isinstance(listen_port, str) and dest_host is None:
             spec = parse_forward(listen_port, "local")
         else:
             spec = ForwardSpec(listen_host, int(listen_port), None, dest_host, dest_port, None)
-        return LocalForward(self.conn, spec, gateway_ports)
+        return LocalForward(self.conn, spec, gateway_ports, stream_local_bind_unlink)
 
     async def close(self) -> None:
         self.conn.close()

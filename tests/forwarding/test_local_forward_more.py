@@ -140,6 +140,29 @@ def test_unix_socket_forward_is_private_to_its_user(keyset, conduitd_server, ech
                 assert s.recv(100) == b"owner"
 
 
+def test_a_file_left_at_a_unix_listener_path_needs_stream_local_bind_unlink(keyset, conduitd_server, echo_server,
+                                                                             tmp_path):  # fmt: skip
+    """As ssh: a stale socket file makes the bind fail; -o StreamLocalBindUnlink=yes removes it first."""
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # closed without unlinking: the file stays, as after a crash
+    spec = f"{path}:127.0.0.1:{echo_server.port}"
+    with conduitd_server() as daemon:
+        refused = run_client(conduit_argv(keyset, daemon.port, "-o", "ExitOnForwardFailure=yes", "-N", "-L", spec,
+                                          f"{USER}@127.0.0.1"), timeout=20)  # fmt: skip
+        assert refused.returncode == 255
+        assert f"bind {path}: Address already in use" in refused.stderr.decode()
+        probe = free_port()  # a second TCP forward only to know when the client is ready
+        argv = conduit_argv(keyset, daemon.port, "-N", "-o", "StreamLocalBindUnlink=yes", "-L", spec,
+                            "-L", f"{probe}:127.0.0.1:{echo_server.port}", f"{USER}@127.0.0.1")  # fmt: skip
+        with tunnel(argv, probe), socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(str(path))
+            s.sendall(b"unlinked first")
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b"unlinked first"
+
+
 def listening_addresses(port: int) -> set[str]:
     out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
     return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}

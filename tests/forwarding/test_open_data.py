@@ -120,3 +120,31 @@ def test_open_data_decoding_and_its_limit() -> None:
     for bad in (plain + too_much, plain + b"\x00\x00\x00\x09abc", plain + tail + b"!"):
         with pytest.raises(ChannelOpenError, match="bad direct-tcpip request"):
             direct.decode_direct_tcpip(bad)
+
+
+def test_a_unix_socket_listener_sends_open_data_too(keyset, conduitd_server, monkeypatch, tmp_path) -> None:
+    """-L /path:host:port: the listener is a StreamListener as for TCP, so its first bytes ride in the open too."""
+    probe = Probe(monkeypatch)
+    service, received = hash_service()
+    path = str(tmp_path / "fwd.sock")
+
+    def send_over_unix(payload: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(path)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            return recv_until_eof(s, 20)
+
+    async def main(port: int) -> bytes:
+        client = await sshconduit.connect("127.0.0.1", port, username=USER, client_keys=[str(keyset.client_key)],
+                                          known_hosts=(), strict_host_key_checking="no")  # fmt: skip
+        async with client, client.forward_local(f"{path}:127.0.0.1:{service.getsockname()[1]}"):
+            return await asyncio.to_thread(send_over_unix, b"over unix")
+
+    with conduitd_server() as daemon:
+        answer = asyncio.run(main(daemon.port))
+    service.close()
+    assert answer == hashlib.sha256(b"over unix").digest()
+    assert received == [b"over unix"]
+    assert len(probe.open_data) == 1 and b"over unix".startswith(probe.open_data[0]) and probe.open_data[0]

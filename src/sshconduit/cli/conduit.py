@@ -180,13 +180,14 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
 _active_forwards: list[LocalForward] = []
 
 
-async def start_forwards(client: SSHClient, specs: list[ForwardSpec], gateway: bool, exit_on_failure: bool) -> None:
+async def start_forwards(client: SSHClient, specs: list[ForwardSpec], cfg: ClientConfig, gateway: bool) -> None:
     for spec in specs:
         try:
-            _active_forwards.append(await LocalForward(client.conn, spec, gateway).start())
+            forward = LocalForward(client.conn, spec, gateway, cfg.stream_local_bind_unlink)
+            _active_forwards.append(await forward.start())
         except ForwardError as exc:
             log.error("%s", exc)
-            if exit_on_failure:
+            if cfg.exit_on_forward_failure:
                 raise ForwardError("Could not request local forwarding.") from None
             log.error("Could not request local forwarding.")
 
@@ -214,7 +215,7 @@ async def run(inv: Invocation, cfg: ClientConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await start_forwards(client, specs, inv.gateway_ports or cfg.gateway_ports, cfg.exit_on_forward_failure)
+        await start_forwards(client, specs, cfg, inv.gateway_ports or cfg.gateway_ports)
         if inv.no_command:
             closed = asyncio.ensure_future(client.wait_closed())
             stopped = asyncio.ensure_future(stop.wait())

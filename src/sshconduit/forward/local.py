@@ -14,7 +14,7 @@ from ..aio import SSHConnection
 from ..config.forward_spec import ForwardSpec
 from ..errors import ChannelOpenError, SSHError
 from .bridge import ForwardCounters, StreamBridge
-from .socket_stream import SocketStream, Stream, StreamListener, listen_stream
+from .socket_stream import SocketStream, Stream, StreamListener, listen_stream, unix_listening_socket
 
 log = logging.getLogger("sshconduit.forward")
 
@@ -46,14 +46,17 @@ def listen_hosts(listen_host: str | None, gateway_ports: bool) -> list[str | Non
 class LocalForward:
     """``async with conn.forward_local(...) as fwd`` — ``fwd.port`` is the bound port."""
 
-    def __init__(self, conn: SSHConnection, spec: ForwardSpec, gateway_ports: bool = False) -> None:
+    def __init__(
+        self, conn: SSHConnection, spec: ForwardSpec, gateway_ports: bool = False, bind_unlink: bool = False
+    ) -> None:
         self.conn = conn
         self.spec = spec
         self.gateway_ports = gateway_ports
+        self.bind_unlink = bind_unlink  # StreamLocalBindUnlink: remove a file left at a unix listener's path
         self.counters = ForwardCounters()
         self.port: int | None = None
         self.path: str | None = None
-        self._servers: list[asyncio.Server | StreamListener] = []
+        self._servers: list[StreamListener] = []
 
     @property
     def destination(self) -> str:
@@ -61,17 +64,15 @@ class LocalForward:
         return spec.connect_path or f"{spec.connect_host}:{spec.connect_port}"
 
     async def start(self) -> LocalForward:
-        loop = asyncio.get_running_loop()
         spec = self.spec
         if spec.listen_path is not None:
-            old_mask = os.umask(STREAMLOCAL_BIND_MASK)
             try:
-                server = await loop.create_unix_server(self._new_bridge, spec.listen_path)
+                sock = unix_listening_socket(
+                    spec.listen_path, STREAMLOCAL_BIND_MASK, self.bind_unlink, limits.FORWARD_LISTEN_BACKLOG
+                )
             except OSError as exc:
                 raise ForwardError(f"bind {spec.listen_path}: {exc.strerror}") from None
-            finally:
-                os.umask(old_mask)
-            self._servers.append(server)
+            self._servers.append(StreamListener([sock], self._new_bridge))
             self.path = spec.listen_path
             return self
         port = spec.listen_port or 0
