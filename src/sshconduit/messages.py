@@ -9,10 +9,9 @@ kex method, so they are not in the dispatch table: the kex method decodes them w
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import inspect
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_origin
 
 from . import wire
 from .errors import ProtocolError
@@ -55,23 +54,64 @@ _DECODERS: dict[str, Callable[[Reader], Any]] = {
 }
 
 _BY_ID: dict[int, type[Message]] = {}
+# A field's wire type by its annotation's name: annotations stay strings here (from __future__ import annotations).
+_WIRE_TYPES = {name: alias.__metadata__[0] for name, alias in list(globals().items()) if get_origin(alias) is Annotated}
+_Field = tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]]
 
 
-class Message:
-    """Base of every message; subclasses are made dataclasses with their codec compiled once."""
+class _Record:
+    """An immutable record whose annotated fields, in order, are its wire layout (``_fields``: name, encoder,
+    decoder). What ``dataclasses.dataclass(frozen=True)`` gave, at a fraction of the import time: one compiled
+    ``__init__`` per class instead of six functions and an evaluation of every annotation."""
+
+    _fields: ClassVar[tuple[_Field, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = {n: kind for n, kind in inspect.get_annotations(cls).items() if not kind.startswith("ClassVar")}
+        unknown = [name for name, kind in own.items() if kind not in _WIRE_TYPES]
+        if unknown:
+            raise TypeError(f"{cls.__name__}: fields {unknown} have no wire type")
+        kinds = [_WIRE_TYPES[kind] for kind in own.values()]
+        cls._fields = tuple((name, _ENCODERS[kind], _DECODERS[kind]) for name, kind in zip(own, kinds, strict=True))
+        cls.__match_args__ = tuple(own)
+        defaults = {f"_default_{name}": cls.__dict__[name] for name in own if name in cls.__dict__}
+        params = "".join(f", {n}=_default_{n}" if f"_default_{n}" in defaults else f", {n}" for n in own)
+        body = "".join(f"\n    _set(self, {name!r}, {name})" for name in own) or "\n    pass"
+        scope: dict[str, Any] = {"_set": object.__setattr__, **defaults}
+        exec(f"def __init__(self{params}):{body}", scope)  # our own identifiers only
+        cls.__init__ = scope["__init__"]  # type: ignore[misc]
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name, _, _ in self._fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a {type(self).__name__}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name, _, _ in self._fields)
+        return f"{type(self).__qualname__}({fields})"
+
+
+class Message(_Record):
+    """Base of every message: a record with a message number, in the dispatch table unless ``dispatch=False``."""
 
     ID: ClassVar[int] = 0
-    _fields: ClassVar[tuple[tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]], ...]] = ()
 
     def __init_subclass__(cls, msg_id: int, dispatch: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.ID = msg_id
-        dataclasses.dataclass(frozen=True, slots=False)(cls)
-        hints = typing.get_type_hints(cls, include_extras=True)
-        cls._fields = tuple(
-            (f.name, _ENCODERS[hints[f.name].__metadata__[0]], _DECODERS[hints[f.name].__metadata__[0]])
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        )
         if dispatch:
             _BY_ID[msg_id] = cls
 
@@ -352,19 +392,8 @@ def channel_data_header(recipient: int, length: int) -> bytes:
 # --- method-specific tails, decoded by the layer that owns them ---
 
 
-class _Tail:
+class _Tail(_Record):
     """Like Message but for a tail inside another message: no number, no dispatch."""
-
-    _fields: ClassVar[tuple[tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]], ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        dataclasses.dataclass(frozen=True)(cls)
-        hints = typing.get_type_hints(cls, include_extras=True)
-        cls._fields = tuple(
-            (f.name, _ENCODERS[hints[f.name].__metadata__[0]], _DECODERS[hints[f.name].__metadata__[0]])
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        )
 
     def encode(self) -> bytes:
         return b"".join(enc(getattr(self, name)) for name, enc, _ in self._fields)
