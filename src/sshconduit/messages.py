@@ -1,10 +1,11 @@
 """Message numbers and one codec per message (RFC 4250-4254), nothing else.
 
-Each message is a frozen dataclass whose annotated fields, in order, are its wire layout; the field types below
-name the SSH data type. ``encode()`` gives the payload, ``decode_message(payload)`` the object. Method-specific
-tails (channel-open data, request data, auth method data) are a trailing ``Rest`` field that the layer above
-decodes with the small codecs at the end of this file. Key-exchange messages 30-49 mean different things per
-kex method, so they are not in the dispatch table: the kex method decodes them with ``decode_as``.
+Each message is an immutable record (``_Record``) whose annotated fields, in order, are its wire layout; the
+field types below name the SSH data type. ``encode()`` gives the payload, ``decode_message(payload)`` the
+object. Method-specific tails (channel-open data, request data, auth method data) are a trailing ``Rest`` field
+that the layer above decodes with the small codecs at the end of this file. Key-exchange messages 30-49 mean
+different things per kex method, so they are not in the dispatch table: the kex method decodes them with
+``decode_as``.
 """
 
 from __future__ import annotations
