@@ -32,14 +32,13 @@ from typing import Any, NoReturn
 from . import chroot, limits
 from .forkserver import recv_ready
 from .forward.remote import LISTEN_BACKLOG
-from .forward.socket_stream import listening_socket, unix_listening_socket
+from .forward.socket_stream import finish_connect, listening_socket, unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
 
 HELPER_EXIT_GRACE = 5.0  # seconds a helper has to exit after its connection closed
 MAX_MESSAGE = 196608  # one request or reply on the helper socket (a spawn carries a command and its environment)
 MAX_FD = 1 << 20  # above any descriptor the server can hold
-CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish (one decides it)
 
 
 # privsep child: how to start the user's helper (the monitor forks it); None in a server that is root itself
@@ -204,7 +203,7 @@ class ForwardHelper:
     async def connect_tcp(self, host: str, port: int) -> socket.socket:
         sock: socket.socket = await self._request({"op": "connect_tcp", "host": host, "port": port})
         try:
-            await _connected(sock)
+            await finish_connect(sock)  # to an address, the helper only started the connect
         except BaseException:
             sock.close()
             raise
@@ -292,33 +291,6 @@ class HelperProcess:
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
-
-
-async def _connected(sock: socket.socket) -> None:
-    """Wait until a connect the helper started (to an address, without blocking) is done; raise its error."""
-    loop = asyncio.get_running_loop()
-    for _ in range(CONNECT_WAKEUPS):
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            raise OSError(code, os.strerror(code))
-        try:
-            sock.getpeername()
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise
-        writable: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(sock.fileno(), _set_once, writable)
-        try:
-            await writable
-        finally:
-            loop.remove_writer(sock.fileno())
-    raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-
-def _set_once(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def fork_helper(creds: Credentials) -> tuple[socket.socket, int]:

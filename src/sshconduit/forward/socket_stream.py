@@ -27,6 +27,7 @@ READ_SIZE = 256 * 1024  # one read takes what a burst left: the bridge packs it 
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and kin, as asyncio's
 ACCEPTS_PER_WAKEUP = 64  # a burst of connections is taken in one wakeup, but a flood cannot starve the loop
 IOV_MAX = 1024  # buffers one sendmsg takes (Linux)
+CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish (one decides it)
 _RETRY = (BlockingIOError, InterruptedError)
 _GONE_ON_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)  # the client left before we took it
 
@@ -357,26 +358,37 @@ async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.so
 
 
 async def _connect(sock: socket.socket, address: Any) -> None:
-    loop = asyncio.get_running_loop()
     sock.setblocking(False)
     code = sock.connect_ex(address)
     if code in (errno.EINPROGRESS, errno.EAGAIN):
-        with contextlib.suppress(OSError):
-            sock.getpeername()  # a loopback connect is done inside connect(): no loop turn to wait for it
-            return
-        fd = sock.fileno()
-        ready: asyncio.Future[None] = loop.create_future()
-
-        def writable() -> None:  # level-triggered: it fires each turn until removed
-            loop.remove_writer(fd)
-            if not ready.done():
-                ready.set_result(None)
-
-        loop.add_writer(fd, writable)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(fd)
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if code:
+        await finish_connect(sock)
+    elif code:
         raise OSError(code, os.strerror(code))
+
+
+async def finish_connect(sock: socket.socket) -> None:
+    """Wait until the connect in progress on non-blocking ``sock`` is done; raise its error as OSError.
+    A loopback connect is done inside connect(): then there is no loop turn to wait for."""
+    loop = asyncio.get_running_loop()
+    for _ in range(CONNECT_WAKEUPS):
+        try:
+            sock.getpeername()
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(sock.fileno(), _set_once, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(sock.fileno())
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():  # level-triggered: a writer fires each turn until removed
+        future.set_result(None)
