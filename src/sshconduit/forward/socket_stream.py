@@ -42,13 +42,13 @@ class SocketStream:
         self._protocol = protocol
         self._buffer: list[bytes | memoryview] = []
         self._buffered = 0
-        self._high = 64 * 1024
-        self._low = 16 * 1024
+        self.set_write_buffer_limits()
         self._writing_paused = False
         self._reading = False
         self._closing = False  # close() called: finish writing, then close
         self._eof_pending = False  # write_eof() called with data still buffered
-        sock.setblocking(False)
+        if sock.getblocking():  # a system call each time: a socket we connected is non-blocking already
+            sock.setblocking(False)
 
     def start(self) -> None:
         sock = self._sock
