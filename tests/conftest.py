@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -230,6 +230,20 @@ def ensure_system_user(name: str, key_line: str) -> pwd.struct_passwd:
 def remove_system_user(name: str) -> None:
     """Remove a throwaway user and its home (it must run nothing by now)."""
     subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
+
+
+def serve_each(server: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on ``server`` until it is closed, each connection handled by ``handle`` on a thread of its own."""
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 class EchoServer:

@@ -7,10 +7,9 @@ import asyncio
 import hashlib
 import os
 import socket
-import threading
 
 import pytest
-from conftest import USER
+from conftest import USER, serve_each
 
 import sshconduit
 from sshconduit import limits, messages
@@ -46,21 +45,13 @@ def hash_service() -> tuple[socket.socket, list[bytes]]:
     server = socket.create_server(("127.0.0.1", 0))
     received: list[bytes] = []
 
-    def serve() -> None:
-        def one(conn: socket.socket) -> None:
-            with conn:
-                data = recv_until_eof(conn, 20)
-                received.append(data)
-                conn.sendall(hashlib.sha256(data).digest())
+    def one(conn: socket.socket) -> None:
+        with conn:
+            data = recv_until_eof(conn, 20)
+            received.append(data)
+            conn.sendall(hashlib.sha256(data).digest())
 
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(server, one)
     return server, received
 
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from conftest import (
     env_with_src,
     free_port,
     run_client,
+    serve_each,
     ssh_argv,
     start_daemon,
     tunnel,
@@ -90,19 +90,12 @@ class PeerRecorder:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.peer_ports: list[int] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        serve_each(self.sock, self._echo)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn, peer[1]), daemon=True).start()
-
-    def _echo(self, conn: socket.socket, peer_port: int) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         # only connections that carry data count: ssh's own probe of the forwarded port opens one too
         with conn:
+            peer_port = conn.getpeername()[1]
             while data := conn.recv(65536):
                 if peer_port not in self.peer_ports:
                     self.peer_ports.append(peer_port)
@@ -156,16 +149,7 @@ def unix_echo(path: Path, uid: int, gid: int) -> Iterator[None]:
     os.chown(path, uid, gid)
     path.chmod(0o600)
     server.listen(8)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    serve_each(server, _echo)
     try:
         yield
     finally:
