@@ -158,7 +158,7 @@ class Transport:
         self.host_key: keys.PublicKey | None = None
         self.strict_kex = False
         self.peer_ext_info = False  # the peer asked for EXT_INFO from us
-        self.ext_info: dict[str, bytes] = {}  # server: what our EXT_INFO adds to server-sig-algs
+        self.ext_info: dict[str, bytes] = {}  # server: extensions our EXT_INFO lists beside server-sig-algs
         self.peer_extensions: dict[str, bytes] = {}  # client: the server's EXT_INFO
         self.server_sig_algs: tuple[str, ...] | None = None
         self._kex_count = 0  # completed exchanges
