@@ -48,10 +48,8 @@ async def connect_tcp(
 
 
 def _start(stream: SocketStream, bridge: StreamBridge, open_data: bytes) -> None:
-    stream.start()
-    if open_data:
-        stream.write(open_data)
-        bridge.count_in(len(open_data))
+    stream.start(open_data)
+    bridge.count_in(len(open_data))
 
 
 async def connect_unix(

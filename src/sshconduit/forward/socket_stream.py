@@ -35,8 +35,10 @@ _GONE_ON_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)  # the client 
 class SocketStream:
     """A non-blocking stream socket with a Protocol's callbacks; ``start()`` calls ``connection_made``."""
 
-    def __init__(self, sock: socket.socket, protocol: asyncio.Protocol) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(
+        self, sock: socket.socket, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()  # a system call (getpid) each: listeners pass theirs
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._protocol = protocol
@@ -50,12 +52,16 @@ class SocketStream:
         if sock.getblocking():  # a system call each time: a socket we connected is non-blocking already
             sock.setblocking(False)
 
-    def start(self) -> None:
+    def start(self, first: bytes = b"") -> None:
+        """connection_made, then write ``first``, then read: registering the reader costs uvloop several system
+        calls, and a first write (a server's open data) is on the forwarded connection's critical path."""
         sock = self._sock
         assert sock is not None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._protocol.connection_made(self)  # type: ignore[arg-type]
+        if first:
+            self.write(first)
         if self._sock is not None and not self._closing:
             self.resume_reading()
 
@@ -257,7 +263,7 @@ class StreamListener:
                 self.loop.remove_reader(listening.fileno())
                 self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listening)
                 return
-            SocketStream(sock, self._factory()).start()
+            SocketStream(sock, self._factory(), self.loop).start()
 
     def _resume(self, listening: socket.socket) -> None:
         if listening.fileno() >= 0:
@@ -348,7 +354,7 @@ async def connect_stream(host: str, port: int) -> socket.socket:
 async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.socket:
     """A new stream socket connected to address without blocking the loop; on failure it is closed and the
     OSError carries the plain reason."""
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, proto)  # no ioctl to make it so
     try:
         await _connect(sock, address)
     except BaseException:
@@ -358,7 +364,6 @@ async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.so
 
 
 async def _connect(sock: socket.socket, address: Any) -> None:
-    sock.setblocking(False)
     code = sock.connect_ex(address)
     if code in (errno.EINPROGRESS, errno.EAGAIN):
         await finish_connect(sock)
@@ -369,7 +374,6 @@ async def _connect(sock: socket.socket, address: Any) -> None:
 async def finish_connect(sock: socket.socket) -> None:
     """Wait until the connect in progress on non-blocking ``sock`` is done; raise its error as OSError.
     A loopback connect is done inside connect(): then there is no loop turn to wait for."""
-    loop = asyncio.get_running_loop()
     for _ in range(CONNECT_WAKEUPS):
         try:
             sock.getpeername()
@@ -380,6 +384,7 @@ async def finish_connect(sock: socket.socket) -> None:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise OSError(code, os.strerror(code))
+        loop = asyncio.get_running_loop()
         writable: asyncio.Future[None] = loop.create_future()
         loop.add_writer(sock.fileno(), _set_once, writable)
         try:
