@@ -109,6 +109,7 @@ class SSHConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._late_flush_scheduled = False
         self._batch_end: list[Callable[[], None]] = []  # run once the events of one read are handled
+        self._batch_last: list[Callable[[], None]] = []  # after those: what is on no connection's critical path
         self.peername: tuple[str, int] = ("?", 0)
         self.local_address = "?"
         self.local_port = 0
@@ -295,14 +296,19 @@ class SSHConnection(asyncio.Protocol):
                     self._socket.close()
             elif isinstance(event, messages.Message):
                 self._handle_message(event)
-        if self._batch_end:
-            callbacks, self._batch_end = self._batch_end, []
+        while self._batch_end or self._batch_last:
+            if self._batch_end:
+                callbacks, self._batch_end = self._batch_end, []
+            else:
+                callbacks, self._batch_last = self._batch_last, []
             for callback in callbacks:
                 callback()
 
-    def at_batch_end(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the packets of the current read are handled (a bridge writes them in one go)."""
-        self._batch_end.append(callback)
+    def at_batch_end(self, callback: Callable[[], None], last: bool = False) -> None:
+        """Call ``callback`` once the packets of the current read are handled (a bridge writes them in one go).
+        ``last`` ones run after the others: a socket's shutdown or close is a system call, and on loopback the
+        peer's TCP work runs inside it, so it waits until another channel's reply has been written."""
+        (self._batch_last if last else self._batch_end).append(callback)
 
     def _check_host_key(self, event: HostKeyReceived) -> None:
         if self._host_key_checker is not None:

@@ -46,7 +46,7 @@ class FakeConnection:
         self.consumed_bytes = 0
         self.closed: list[int] = []
 
-    def at_batch_end(self, callback) -> None:  # type: ignore[no-untyped-def]
+    def at_batch_end(self, callback, last: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.batch_end.append(callback)
 
     def end_batch(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 
 from sshconduit import aio, messages
 from sshconduit.aio import ChannelHandler, SSHConnection
+from sshconduit.forward.bridge import StreamBridge
 from sshconduit.transport import Role
 
 
@@ -19,6 +20,38 @@ class FakeSocket:
 
     def is_closing(self) -> bool:
         return False
+
+
+class LoggingSocket:
+    """A forwarded socket that notes, in a list shared with the others, what its bridge does to it."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.log.append(f"{self.name} write {data!r}")
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.write(b"".join(parts))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.log.append(f"{self.name} eof")
+
+    def close(self) -> None:
+        self.log.append(f"{self.name} close")
 
 
 async def connected() -> tuple[SSHConnection, FakeSocket]:
@@ -84,5 +117,24 @@ def test_replies_to_one_read_go_out_in_one_write_at_its_end() -> None:
         assert sock.writes == []  # nothing scheduled: the read's own flush sends them
         conn._flush()
         assert len(sock.writes) == 1
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_one_channel_s_socket_is_shut_and_closed_after_another_channel_s_data_of_the_same_read() -> None:
+    """rr: the previous connection's EOF and CLOSE arrive in the read that brings the next one's reply. The
+    reply's write is on that connection's critical path; the old socket's shutdown and close are not."""
+
+    async def run() -> None:
+        conn, _sock = await connected()
+        log: list[str] = []
+        old, new = (conn.open_channel(StreamBridge(name), "direct-tcpip") for name in ("old", "new"))
+        for name, channel in (("old", old), ("new", new)):
+            bridge = conn.handlers[channel]
+            assert isinstance(bridge, StreamBridge)
+            bridge.socket_made(LoggingSocket(name, log))  # type: ignore[arg-type]
+            confirm(conn, channel)
+        conn._handle_events([messages.ChannelEof(old), messages.ChannelClose(old), messages.ChannelData(new, b"ok")])
+        assert log == ["new write b'ok'", "old eof", "old close"]
 
     asyncio.run(asyncio.wait_for(run(), 10))

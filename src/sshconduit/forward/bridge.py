@@ -217,13 +217,19 @@ class StreamBridge(ChannelHandler):
     def eof_received(self) -> None:
         self._write_batch()
         self._channel_eof = True
-        if self.sock is not None and self.sock.can_write_eof():
-            self.sock.write_eof()
+        self.conn.at_batch_end(self._shutdown_socket_write, last=True)
         self._maybe_close()
 
     def close_received(self) -> None:
         self._write_batch()
         self._finish()
+        self.conn.at_batch_end(self._close_socket, last=True)
+
+    def _shutdown_socket_write(self) -> None:
+        if self.sock is not None and self.sock.can_write_eof():
+            self.sock.write_eof()
+
+    def _close_socket(self) -> None:
         if self.sock is not None:
             self.sock.close()  # flushes what is buffered, then closes
 
