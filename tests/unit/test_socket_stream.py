@@ -14,6 +14,7 @@ import uvloop
 from sshconduit.forward.socket_stream import (
     SocketStream,
     StreamListener,
+    _ipv4_literal,
     connect_stream,
     listen_stream,
 )
@@ -239,3 +240,11 @@ def test_connect_and_bind_errors_keep_the_plain_reason(loop_kind: str) -> None:
         server.close()
 
     run(loop_kind, main)
+
+
+def test_a_dotted_quad_skips_getaddrinfo_with_its_answer_and_anything_else_goes_to_it() -> None:
+    for host in ("127.0.0.1", "0.0.0.0", "192.0.2.255"):
+        expected = socket.getaddrinfo(host, 22, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        assert _ipv4_literal(host, 22) == expected
+    for host, port in (("localhost", 22), ("::1", 22), ("127.1", 22), ("256.0.0.1", 22), ("127.0.0.1", 65536)):
+        assert _ipv4_literal(host, port) == []  # getaddrinfo decides (or refuses) these
