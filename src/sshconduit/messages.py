@@ -11,7 +11,7 @@ different things per kex method, so they are not in the dispatch table: the kex 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import struct
 from typing import Annotated, Any, ClassVar, get_origin
 
 from . import wire
@@ -29,62 +29,60 @@ MPInt = Annotated[int, "mpint"]
 Cookie = Annotated[bytes, "cookie"]  # 16 raw bytes
 Rest = Annotated[bytes, "rest"]  # everything left in the payload
 
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "byte": wire.byte,
-    "boolean": wire.boolean,
-    "uint32": pack_u32,
-    "uint64": wire.pack_u64,
-    "string": wire.string,
-    "text": wire.string,
-    "name_list": wire.name_list,
-    "mpint": wire.mpint,
-    "cookie": bytes,
-    "rest": bytes,
+# How the code compiled per record below writes and reads each SSH type. Adjacent fixed-size fields share one
+# struct call; the others call wire's encoder or the Reader's method.
+_FIXED = {"byte": "B", "boolean": "?", "uint32": "I", "uint64": "Q"}
+_ENCODE = {
+    "string": "_string({})",
+    "text": "_string({})",
+    "name_list": "_name_list({})",
+    "mpint": "_mpint({})",
+    "cookie": "bytes({})",
+    "rest": "bytes({})",
 }
-_DECODERS: dict[str, Callable[[Reader], Any]] = {
-    "byte": Reader.byte,
-    "boolean": Reader.boolean,
-    "uint32": Reader.uint32,
-    "uint64": Reader.uint64,
-    "string": Reader.string,
-    "text": Reader.text,
-    "name_list": Reader.name_list,
-    "mpint": Reader.mpint,
-    "cookie": lambda r: r.raw(16),
-    "rest": Reader.rest,
+_DECODE = {
+    "string": "reader.string()",
+    "text": "reader.text()",
+    "name_list": "reader.name_list()",
+    "mpint": "reader.mpint()",
+    "cookie": "reader.raw(16)",
+    "rest": "reader.rest()",
 }
+_CODEC_SCOPE = {"_string": wire.string, "_name_list": wire.name_list, "_mpint": wire.mpint}
 
 _BY_ID: dict[int, type[Message]] = {}
 # A field's wire type by its annotation's name: annotations stay strings here (from __future__ import annotations).
 _WIRE_TYPES = {name: alias.__metadata__[0] for name, alias in list(globals().items()) if get_origin(alias) is Annotated}
-_Field = tuple[str, Callable[[Any], bytes], Callable[[Reader], Any]]
 
 
 class _Record:
-    """An immutable record whose annotated fields, in order, are its wire layout (``_fields``: name, encoder,
-    decoder). What ``dataclasses.dataclass(frozen=True)`` gave, at a fraction of the import time: one compiled
-    ``__init__`` per class instead of six functions and an evaluation of every annotation."""
+    """An immutable record whose annotated fields, in order, are its wire layout.
 
-    _fields: ClassVar[tuple[_Field, ...]] = ()
+    Each class gets code compiled for it: ``__init__``, ``_write()`` (its bytes, after the class's prefix) and
+    ``_read(reader)`` (its field values). That is what ``dataclasses.dataclass(frozen=True)`` gave, at a fraction
+    of the import time, and a message costs one call each way instead of one per field."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    _field_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, prefix: bytes = b"", **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own = {n: kind for n, kind in inspect.get_annotations(cls).items() if not kind.startswith("ClassVar")}
         unknown = [name for name, kind in own.items() if kind not in _WIRE_TYPES]
         if unknown:
             raise TypeError(f"{cls.__name__}: fields {unknown} have no wire type")
-        kinds = [_WIRE_TYPES[kind] for kind in own.values()]
-        cls._fields = tuple((name, _ENCODERS[kind], _DECODERS[kind]) for name, kind in zip(own, kinds, strict=True))
-        cls.__match_args__ = tuple(own)
+        cls._field_names = cls.__match_args__ = tuple(own)
         defaults = {f"_default_{name}": cls.__dict__[name] for name in own if name in cls.__dict__}
         params = "".join(f", {n}=_default_{n}" if f"_default_{n}" in defaults else f", {n}" for n in own)
         body = "".join(f"\n    _set(self, {name!r}, {name})" for name in own) or "\n    pass"
-        scope: dict[str, Any] = {"_set": object.__setattr__, **defaults}
-        exec(f"def __init__(self{params}):{body}", scope)  # our own identifiers only
+        scope: dict[str, Any] = {"_set": object.__setattr__, **defaults, **_CODEC_SCOPE}
+        fields = [(name, _WIRE_TYPES[kind]) for name, kind in own.items()]
+        exec(f"def __init__(self{params}):{body}\n{_codec_source(fields, prefix, scope)}", scope)  # ours only
         cls.__init__ = scope["__init__"]  # type: ignore[misc]
+        cls._write = scope["_write"]  # type: ignore[attr-defined]
+        cls._read = staticmethod(scope["_read"])  # type: ignore[attr-defined]
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name, _, _ in self._fields)
+        return tuple(getattr(self, name) for name in self._field_names)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"cannot assign to field {name!r} of a {type(self).__name__}")
@@ -101,8 +99,48 @@ class _Record:
         return hash((self.__class__, self._values()))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name, _, _ in self._fields)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._field_names)
         return f"{type(self).__qualname__}({fields})"
+
+
+def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str, Any]) -> str:
+    """The source of ``_write(self)`` and ``_read(reader)`` for these (name, wire type) fields; the struct layouts
+    they use go into ``scope``. ``prefix`` (a message number) leads the bytes written."""
+    parts: list[str] = []  # expressions whose concatenation is the encoding
+    reads: list[str] = []  # statements that set v0, v1, ... from the reader
+    run: list[int] = []  # adjacent fixed-size fields not yet written out
+    head = prefix  # bytes due before the next field, folded into its struct if it is fixed-size
+
+    def end_run() -> None:
+        nonlocal head
+        if not run:
+            return
+        layout = "".join(_FIXED[fields[i][1]] for i in run)
+        name = f"_layout{len(scope)}"
+        scope[name] = struct.Struct(">" + "B" * len(head) + layout).pack
+        scope[name + "_in"] = struct.Struct(">" + layout)
+        parts.append(f"{name}({', '.join([*map(str, head), *(f'self.{fields[i][0]}' for i in run)])})")
+        reads.append(f"{''.join(f'v{i}, ' for i in run)}= reader.fixed({name}_in)")
+        run.clear()
+        head = b""
+
+    for i, (name, kind) in enumerate(fields):
+        if kind in _FIXED:
+            run.append(i)
+            continue
+        end_run()
+        if head:
+            parts.append(repr(head))
+            head = b""
+        parts.append(_ENCODE[kind].format(f"self.{name}"))
+        reads.append(f"v{i} = {_DECODE[kind]}")
+    end_run()
+    if head:
+        parts.append(repr(head))
+    write = " + ".join(parts) or "b''"
+    read = "".join(f"\n    {line}" for line in reads)
+    values = "".join(f"v{i}, " for i in range(len(fields)))
+    return f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
 
 
 class Message(_Record):
@@ -111,17 +149,17 @@ class Message(_Record):
     ID: ClassVar[int] = 0
 
     def __init_subclass__(cls, msg_id: int, dispatch: bool = True, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        super().__init_subclass__(prefix=bytes((msg_id,)), **kwargs)
         cls.ID = msg_id
         if dispatch:
             _BY_ID[msg_id] = cls
 
     def encode(self) -> bytes:
-        return bytes((self.ID,)) + b"".join(enc(getattr(self, name)) for name, enc, _ in self._fields)
+        return self._write()  # type: ignore[attr-defined, no-any-return]
 
     @classmethod
     def decode_body(cls, reader: Reader) -> Message:
-        values = [dec(reader) for _, _, dec in cls._fields]
+        values = cls._read(reader)  # type: ignore[attr-defined]
         reader.expect_end()
         return cls(*values)
 
@@ -397,12 +435,12 @@ class _Tail(_Record):
     """Like Message but for a tail inside another message: no number, no dispatch."""
 
     def encode(self) -> bytes:
-        return b"".join(enc(getattr(self, name)) for name, enc, _ in self._fields)
+        return self._write()  # type: ignore[attr-defined, no-any-return]
 
     @classmethod
     def decode(cls, data: bytes) -> Any:
         reader = Reader(data)
-        values = [dec(reader) for _, _, dec in cls._fields]
+        values = cls._read(reader)  # type: ignore[attr-defined]
         reader.expect_end()
         return cls(*values)
 
@@ -410,7 +448,7 @@ class _Tail(_Record):
     def decode_with_rest(cls, data: bytes) -> tuple[Any, bytes]:
         """Decode a prefix of ``data``; the bytes after it are returned for an extension's fields."""
         reader = Reader(data)
-        values = [dec(reader) for _, _, dec in cls._fields]
+        values = cls._read(reader)  # type: ignore[attr-defined]
         return cls(*values), reader.raw(reader.remaining)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -47,6 +48,10 @@ class Reader:
 
     def uint64(self) -> int:
         return _unpack_u64(self._buf, self._take(8))[0]
+
+    def fixed(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """A run of fixed-size fields (bytes, booleans, integers) in one call."""
+        return layout.unpack_from(self._buf, self._take(layout.size))
 
     def raw(self, n: int) -> bytes:
         start = self._take(n)

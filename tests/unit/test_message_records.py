@@ -47,3 +47,51 @@ def test_a_field_without_a_wire_type_is_refused_at_class_creation() -> None:
     exec("class Good(Message, msg_id=251, dispatch=False):\n    count: U32 = 7", vars(messages), namespace)
     assert namespace["Good"]().count == 7
     assert namespace["Good"](8).encode() == b"\xfb\x00\x00\x00\x08"
+
+
+def test_every_wire_type_in_any_order_is_written_and_read_as_wire_s_encoders_do() -> None:
+    """The compiled codec folds adjacent fixed-size fields (and the message number) into one struct: the bytes
+    must still be exactly the field-by-field encoding, and reading must undo it and check lengths."""
+    from sshconduit import wire
+    from sshconduit.errors import ProtocolError
+
+    namespace: dict[str, Any] = {}
+    exec(
+        "class Mixed(Message, msg_id=252, dispatch=False):\n"
+        "    flag: Bool\n    small: Byte\n    count: U32\n    name: Text\n    big: U64\n    blob: Str\n"
+        "    names: NameList\n    n: MPInt\n    cookie: Cookie\n    last: U32\n    tail: Rest\n"
+        "class Leading(Message, msg_id=253, dispatch=False):\n    name: Text\n    count: U32\n",
+        vars(messages),
+        namespace,
+    )
+    mixed, leading = namespace["Mixed"], namespace["Leading"]
+    value = mixed(True, 7, 9, "é", 2**40, b"xy", ("a", "b"), -5, b"c" * 16, 0xFFFFFFFF, b"rest")
+    expected = b"".join(
+        [
+            b"\xfc",
+            wire.boolean(True),
+            wire.byte(7),
+            wire.pack_u32(9),
+            wire.string("é"),
+            wire.pack_u64(2**40),
+            wire.string(b"xy"),
+            wire.name_list(["a", "b"]),
+            wire.mpint(-5),
+            b"c" * 16,
+            wire.pack_u32(0xFFFFFFFF),
+            b"rest",
+        ]
+    )
+    assert value.encode() == expected
+    assert messages.decode_as(mixed, expected) == value
+    assert leading("x", 3).encode() == b"\xfd" + wire.string("x") + wire.pack_u32(3)
+    assert messages.decode_as(leading, b"\xfd" + wire.string("x") + wire.pack_u32(3)) == leading("x", 3)
+    assert messages.decode_as(mixed, b"\xfc\x02" + expected[2:]).flag is True  # any non-zero byte is true
+    for cut in (2, 5, 9, len(expected) - 5):
+        with pytest.raises(ProtocolError, match="truncated"):
+            messages.decode_as(mixed, expected[:cut])
+    with pytest.raises(ProtocolError, match="after end"):
+        messages.decode_as(leading, b"\xfd" + wire.string("x") + wire.pack_u32(3) + b"!")
+    window = messages.WindowChange(80, 24, 0, 0)  # a tail: no number in front
+    assert window.encode() == b"".join(wire.pack_u32(v) for v in (80, 24, 0, 0))
+    assert messages.WindowChange.decode(window.encode()) == window
