@@ -282,20 +282,25 @@ class SSHConnection(asyncio.Protocol):
     # --- event routing ---
 
     def _handle_events(self, events: list[object]) -> None:
-        for event in events:
-            # self.channels, not a copy: USERAUTH_SUCCESS earlier in this batch may have just started it.
-            if self.channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 100:
-                self._handle_channel_events(self.channels.handle(event))
-            elif isinstance(event, HostKeyReceived):
-                self._check_host_key(event)
-            elif isinstance(event, KexComplete):
-                self._kex_complete(event)
-            elif isinstance(event, PeerDisconnected):
-                self.close_reason = Disconnected(event.reason, event.description)
-                if self._socket is not None:
-                    self._socket.close()
-            elif isinstance(event, messages.Message):
-                self._handle_message(event)
+        try:
+            for event in events:
+                # self.channels, not a copy: USERAUTH_SUCCESS earlier in this batch may have just started it.
+                if self.channels is not None and isinstance(event, messages.Message) and 80 <= event.ID <= 100:
+                    self._handle_channel_events(self.channels.handle(event))
+                elif isinstance(event, HostKeyReceived):
+                    self._check_host_key(event)
+                elif isinstance(event, KexComplete):
+                    self._kex_complete(event)
+                elif isinstance(event, PeerDisconnected):
+                    self.close_reason = Disconnected(event.reason, event.description)
+                    if self._socket is not None:
+                        self._socket.close()
+                elif isinstance(event, messages.Message):
+                    self._handle_message(event)
+        finally:  # also when a message breaks the protocol: a channel closed earlier in the read closes its socket
+            self._end_batch()
+
+    def _end_batch(self) -> None:
         while self._batch_end or self._batch_last:
             if self._batch_end:
                 callbacks, self._batch_end = self._batch_end, []

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sshconduit import aio, messages
 from sshconduit.aio import ChannelHandler, SSHConnection
+from sshconduit.errors import ProtocolError
 from sshconduit.forward.bridge import StreamBridge
 from sshconduit.transport import Role
 
@@ -136,5 +139,21 @@ def test_one_channel_s_socket_is_shut_and_closed_after_another_channel_s_data_of
             confirm(conn, channel)
         conn._handle_events([messages.ChannelEof(old), messages.ChannelClose(old), messages.ChannelData(new, b"ok")])
         assert log == ["new write b'ok'", "old eof", "old close"]
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_a_socket_whose_channel_closed_is_closed_even_when_a_later_message_of_the_read_breaks_the_protocol() -> None:
+    async def run() -> None:
+        conn, _sock = await connected()
+        log: list[str] = []
+        channel = conn.open_channel(StreamBridge("old"), "direct-tcpip")
+        bridge = conn.handlers[channel]
+        assert isinstance(bridge, StreamBridge)
+        bridge.socket_made(LoggingSocket("old", log))  # type: ignore[arg-type]
+        confirm(conn, channel)
+        with pytest.raises(ProtocolError):  # EOF for a channel that is not open
+            conn._handle_events([messages.ChannelClose(channel), messages.ChannelEof(channel + 1)])
+        assert log == ["old close"]  # the handler is gone with its CLOSE: connection_lost will not reach it
 
     asyncio.run(asyncio.wait_for(run(), 10))
