@@ -29,6 +29,7 @@ ACCEPTS_PER_WAKEUP = 64  # a burst of connections is taken in one wakeup, but a 
 IOV_MAX = 1024  # buffers one sendmsg takes (Linux)
 CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish (one decides it)
 _RETRY = (BlockingIOError, InterruptedError)
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: socket() makes it non-blocking, no ioctl
 _GONE_ON_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)  # the client left before we took it
 
 
@@ -368,8 +369,10 @@ def _ipv4_literal(host: str, port: int) -> list[tuple[int, int, int, str, tuple[
 async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.socket:
     """A new stream socket connected to address without blocking the loop; on failure it is closed and the
     OSError carries the plain reason."""
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, proto)  # no ioctl to make it so
+    sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK, proto)
     try:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
         await _connect(sock, address)
     except BaseException:
         sock.close()
