@@ -43,14 +43,15 @@ class FakeConnection:
         self.sent: list[bytes] = []
         self.eofs = 0
         self.batch_end: list = []
+        self.batch_last: list = []
         self.consumed_bytes = 0
         self.closed: list[int] = []
 
     def at_batch_end(self, callback, last: bool = False) -> None:  # type: ignore[no-untyped-def]
-        self.batch_end.append(callback)
+        (self.batch_last if last else self.batch_end).append(callback)
 
-    def end_batch(self) -> None:
-        callbacks, self.batch_end = self.batch_end, []
+    def end_batch(self) -> None:  # as SSHConnection: the "last" callbacks after the others
+        callbacks, self.batch_end, self.batch_last = self.batch_end + self.batch_last, [], []
         for callback in callbacks:
             callback()
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from sshconduit import messages
+from sshconduit import messages, wire
+from sshconduit.errors import ProtocolError
 
 
 def test_fields_defaults_and_wire_layout() -> None:
@@ -52,9 +53,6 @@ def test_a_field_without_a_wire_type_is_refused_at_class_creation() -> None:
 def test_every_wire_type_in_any_order_is_written_and_read_as_wire_s_encoders_do() -> None:
     """The compiled codec folds adjacent fixed-size fields (and the message number) into one struct: the bytes
     must still be exactly the field-by-field encoding, and reading must undo it and check lengths."""
-    from sshconduit import wire
-    from sshconduit.errors import ProtocolError
-
     namespace: dict[str, Any] = {}
     exec(
         "class Mixed(Message, msg_id=252, dispatch=False):\n"
