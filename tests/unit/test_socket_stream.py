@@ -66,12 +66,12 @@ def run(loop_kind: str, main: Callable[[], Awaitable[None]]) -> None:
         asyncio.run(asyncio.wait_for(main(), 20))
 
 
-async def read_all(sock: socket.socket) -> bytes:
+async def read_all(sock: socket.socket, timeout: float = 15) -> bytes:
     """Everything the peer sends until its EOF, read off the loop's thread."""
 
     def read() -> bytes:
         sock.setblocking(True)
-        sock.settimeout(15)
+        sock.settimeout(timeout)
         out = bytearray()
         while part := sock.recv(1 << 20):
             out += part
@@ -144,10 +144,7 @@ def test_peer_eof_closes_when_the_protocol_says_so_and_abort_drops_the_buffer(lo
         stream.abort()
         assert stream.is_closing()
         assert await proto.lost is None
-        theirs.settimeout(5)
-        got = bytearray()
-        while part := theirs.recv(1 << 20):
-            got += part
+        got = await read_all(theirs, timeout=5)
         assert 0 < len(got) < BIG  # what the kernel took before the abort, and no more
         theirs.close()
 
