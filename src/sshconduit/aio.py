@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -139,7 +140,9 @@ class SSHConnection(asyncio.Protocol):
         self._socket = transport
         sock = transport.get_extra_info("socket")
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._quickack_socket = sock
+            # Our own socket object on a duplicate descriptor, closed with the connection: uvloop's stand-in makes
+            # a socket object, and a getsockname system call, for each setsockopt.
+            self._quickack_socket = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = (str(peer[0]), int(peer[1]))
@@ -176,6 +179,9 @@ class SSHConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._quickack_socket is not None:
+            self._quickack_socket.close()  # the descriptor's last duplicate: the kernel closes the socket now
+            self._quickack_socket = None
         if self._grace_timer:
             self._grace_timer.cancel()
         if self.close_reason is None:

@@ -4,6 +4,7 @@ sent while the kernel handles the peer's next send, on the peer's CPU time (cond
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -15,17 +16,10 @@ from sshconduit.transport import Role
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux only")
 
 
-class RecordingSocket:
-    def __init__(self, family: socket.AddressFamily) -> None:
-        self.family = family
-        self.options: list[tuple[int, int, int]] = []
-
-    def setsockopt(self, level: int, option: int, value: int) -> None:
-        self.options.append((level, option, value))
-
-
 class FakeTransport:
-    def __init__(self, sock: RecordingSocket) -> None:
+    """A transport over a real socket, as uvloop's: ``get_extra_info("socket")`` gives the connected socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.written: list[bytes] = []
         self.closed = False
@@ -43,31 +37,68 @@ class FakeTransport:
         self.closed = True
 
 
-QUICKACK = (socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 0), 1)
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 
 
-def received(family: socket.AddressFamily, data: bytes) -> RecordingSocket:
-    """A client on a ``family`` socket reads a version line, then ``data`` (the ACK rule runs before parsing)."""
+def connected_pair(family: socket.AddressFamily) -> tuple[socket.socket, socket.socket]:
+    if family == socket.AF_UNIX:
+        return socket.socketpair()
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.create_server((host, 0), family=family) as listener:
+        ours = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        theirs, _ = listener.accept()
+    return ours, theirs
 
-    async def run() -> RecordingSocket:
-        sock = RecordingSocket(family)
-        conn = SSHConnection(Role.CLIENT)
-        conn.connection_made(FakeTransport(sock))  # type: ignore[arg-type]
-        conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
-        conn.data_received(data)
-        return sock
+
+def quickack_after(family: socket.AddressFamily, data: bytes) -> int | None:
+    """A client on a real ``family`` socket, its ACKs made lazy first (TCP_QUICKACK 0), reads a version line,
+    then ``data`` (the ACK rule runs before parsing). The socket's TCP_QUICKACK afterwards (None off TCP)."""
+
+    async def run() -> int | None:
+        ours, theirs = connected_pair(family)
+        with ours, theirs:
+            tcp = family != socket.AF_UNIX
+            if tcp:
+                ours.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
+            conn = SSHConnection(Role.CLIENT)
+            conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
+            conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+            conn.data_received(data)
+            return ours.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) if tcp else None
 
     return asyncio.run(asyncio.wait_for(run(), 10))
 
 
 def test_a_bulk_read_on_tcp_is_acked_at_once() -> None:
-    assert received(socket.AF_INET, bytes(aio.BULK_READ)).options == [QUICKACK]
-    assert received(socket.AF_INET6, bytes(aio.BULK_READ)).options == [QUICKACK]
+    assert quickack_after(socket.AF_INET, bytes(aio.BULK_READ)) == 1
+    assert quickack_after(socket.AF_INET6, bytes(aio.BULK_READ)) == 1
 
 
 def test_a_small_read_keeps_delayed_acks() -> None:
-    assert received(socket.AF_INET, bytes(aio.BULK_READ - 1)).options == []
+    assert quickack_after(socket.AF_INET, bytes(aio.BULK_READ - 1)) == 0
 
 
 def test_a_unix_socket_is_left_alone() -> None:
-    assert received(socket.AF_UNIX, bytes(aio.BULK_READ)).options == []
+    assert quickack_after(socket.AF_UNIX, bytes(aio.BULK_READ)) is None  # a TCP option there would raise
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_the_socket_kept_for_acks_is_closed_with_the_connection_and_the_peer_sees_the_close() -> None:
+    async def run() -> bytes:
+        ours, theirs = connected_pair(socket.AF_INET)
+        with theirs:
+            before = open_descriptors()
+            conn = SSHConnection(Role.CLIENT)
+            conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
+            assert open_descriptors() == before + 1  # the duplicate descriptor
+            ours.close()  # the transport closes its descriptor, then tells the protocol
+            conn.connection_lost(None)
+            assert open_descriptors() == before - 1
+            theirs.settimeout(5)
+            return theirs.recv(4096)  # EOF once no descriptor holds the socket (a timeout error otherwise)
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == b""
