@@ -30,6 +30,7 @@ MAX_CHANNELS = 20000  # channels a peer may have open on one connection
 # ("resource shortage"), not a crash. 16,384 lets one client forward 10,000 connections, as OpenSSH (no cap) does.
 MAX_SERVER_CHANNELS = 16384
 FORWARD_LISTEN_BACKLOG = 4096  # -L listeners: a burst of connects waits in the queue, not in SYN retries
+LISTEN_BACKLOG = 128  # OpenSSH's SSH_LISTEN_BACKLOG: conduitd's own listener (privsep) and -R listeners
 DEFAULT_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_TCP_WINDOW_DEFAULT
 DEFAULT_MAX_PACKET = 32 * 1024  # OpenSSH's CHAN_TCP_PACKET_DEFAULT
 MAX_WINDOW = (1 << 32) - 1

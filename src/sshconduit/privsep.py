@@ -31,7 +31,6 @@ from typing import Any, NoReturn
 
 from . import chroot, limits
 from .forkserver import recv_ready
-from .forward.remote import LISTEN_BACKLOG
 from .forward.socket_stream import finish_connect, listening_socket, unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
@@ -348,10 +347,10 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
             made = unix
         elif op == "listen_tcp":
             family, kind, proto = int(request["family"]), int(request["kind"]), int(request["proto"])
-            made = listening_socket(family, kind, proto, tuple(request["sockaddr"]), LISTEN_BACKLOG)
+            made = listening_socket(family, kind, proto, tuple(request["sockaddr"]), limits.LISTEN_BACKLOG)
         elif op == "listen_unix":
             made = unix_listening_socket(
-                str(request["path"]), int(request["mask"]), bool(request["unlink"]), LISTEN_BACKLOG
+                str(request["path"]), int(request["mask"]), bool(request["unlink"]), limits.LISTEN_BACKLOG
             )
         else:
             code = errno.EINVAL

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import pam_session, privsep
+from . import limits, pam_session, privsep
 from .aio import failure_floor
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
@@ -52,7 +52,6 @@ from .server_config import StartupGate
 log = logging.getLogger("sshconduit.privsep")
 
 MAX_MONITOR_MESSAGE = 65536  # one request on the monitor socket: a key blob and a signature, or a password
-LISTEN_BACKLOG = 128
 EXCHANGE_HASH_SIZES = (20, 32, 48, 64)  # SHA-1, SHA-256, SHA-384, SHA-512 exchange hashes
 UNPRIVILEGED_USERS = ("sshd", "nobody")
 
@@ -94,7 +93,7 @@ class PrivsepListener:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(sockaddr)
-                sock.listen(LISTEN_BACKLOG)
+                sock.listen(limits.LISTEN_BACKLOG)
             except OSError as exc:
                 sock.close()
                 self.close()

@@ -39,7 +39,6 @@ STREAMLOCAL_FORWARD = "streamlocal-forward@openssh.com"
 CANCEL_STREAMLOCAL_FORWARD = "cancel-streamlocal-forward@openssh.com"
 GLOBAL_REQUESTS = frozenset((TCPIP_FORWARD, CANCEL_TCPIP_FORWARD, STREAMLOCAL_FORWARD, CANCEL_STREAMLOCAL_FORWARD))
 
-LISTEN_BACKLOG = 128  # OpenSSH's SSH_LISTEN_BACKLOG
 # Binding IPv6 where the machine has none is not an error while an IPv4 address of the same forward binds.
 NO_IPV6 = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 LOOPBACK = ("127.0.0.1", "::1")
@@ -200,7 +199,7 @@ class RemoteForwards:
                     if self.helper is not None:
                         sock = await self.helper.listen_tcp(family, kind, proto, address)
                     else:
-                        sock = listening_socket(family, kind, proto, address, LISTEN_BACKLOG)
+                        sock = listening_socket(family, kind, proto, address, limits.LISTEN_BACKLOG)
                     server = StreamListener([sock], lambda: self._new_tcp_bridge(listener))
                 except OSError as exc:
                     if family == socket.AF_INET6 and exc.errno in NO_IPV6 and len(hosts) > 1:
@@ -257,7 +256,7 @@ class RemoteForwards:
             if self.helper is not None:
                 sock = await self.helper.listen_unix(path, mask, unlink_first)
             else:
-                sock = unix_listening_socket(path, mask, unlink_first, LISTEN_BACKLOG)
+                sock = unix_listening_socket(path, mask, unlink_first, limits.LISTEN_BACKLOG)
             server = StreamListener([sock], lambda: self._new_unix_bridge(path, listener))
         except OSError as exc:
             log.error("bind %s: %s", path, _strerror(exc))
