@@ -287,6 +287,15 @@ def echo_server() -> Iterator[EchoServer]:
     server.close()
 
 
+def recv_until_eof(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the peer sends until its EOF; each recv waits at most ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    while part := sock.recv(1 << 18):
+        out += part
+    return bytes(out)
+
+
 def echo_over(s: socket.socket, payload: bytes, timeout: float = 20) -> bytes:
     """Send payload from a thread (flow control would stall a send-then-read), half-close, read all back."""
 
@@ -297,11 +306,9 @@ def echo_over(s: socket.socket, payload: bytes, timeout: float = 20) -> bytes:
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    chunks = []
-    while chunk := s.recv(262144):
-        chunks.append(chunk)
+    received = recv_until_eof(s, timeout)
     sender.join(timeout)
-    return b"".join(chunks)
+    return received
 
 
 def echo_through(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:

@@ -9,20 +9,12 @@ import os
 import socket
 
 import pytest
-from conftest import USER, serve_each
+from conftest import USER, recv_until_eof, serve_each
 
 import sshconduit
 from sshconduit import limits, messages
 from sshconduit.errors import ChannelOpenError
 from sshconduit.forward import direct, local
-
-
-def recv_until_eof(sock: socket.socket, timeout: float) -> bytes:
-    sock.settimeout(timeout)
-    out = bytearray()
-    while part := sock.recv(1 << 16):
-        out += part
-    return bytes(out)
 
 
 class Probe:

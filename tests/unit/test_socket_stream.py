@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
+from conftest import recv_until_eof
 
 from sshconduit.forward.socket_stream import (
     SocketStream,
@@ -50,11 +51,15 @@ class Recorder(asyncio.Protocol):
         self.lost.set_result(exc)
 
 
-def started_pair() -> tuple[SocketStream, Recorder, socket.socket]:
-    """A started stream over one end of a socketpair, its protocol, and the other end."""
+def stream_pair() -> tuple[SocketStream, Recorder, socket.socket]:
+    """A stream, not yet started, over one end of a socketpair, its protocol, and the other end."""
     ours, theirs = socket.socketpair()
     proto = Recorder()
-    stream = SocketStream(ours, proto)
+    return SocketStream(ours, proto), proto, theirs
+
+
+def started_pair() -> tuple[SocketStream, Recorder, socket.socket]:
+    stream, proto, theirs = stream_pair()
     stream.start()
     return stream, proto, theirs
 
@@ -69,15 +74,7 @@ def run(loop_kind: str, main: Callable[[], Awaitable[None]]) -> None:
 async def read_all(sock: socket.socket, timeout: float = 15) -> bytes:
     """Everything the peer sends until its EOF, read off the loop's thread."""
 
-    def read() -> bytes:
-        sock.setblocking(True)
-        sock.settimeout(timeout)
-        out = bytearray()
-        while part := sock.recv(1 << 20):
-            out += part
-        return bytes(out)
-
-    return await asyncio.to_thread(read)
+    return await asyncio.to_thread(recv_until_eof, sock, timeout)
 
 
 LOOPS = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -130,10 +127,9 @@ def test_write_eof_waits_for_the_buffer_and_reading_goes_on(loop_kind: str) -> N
 @LOOPS
 def test_peer_eof_closes_when_the_protocol_says_so_and_abort_drops_the_buffer(loop_kind: str) -> None:
     async def main() -> None:
-        ours, theirs = socket.socketpair()
-        proto = Recorder()
+        stream, proto, theirs = stream_pair()
         proto.keep_open_on_eof = False
-        SocketStream(ours, proto).start()
+        stream.start()
         theirs.shutdown(socket.SHUT_WR)
         assert await proto.lost is None
         assert proto.events == ["made", "eof", "lost"]
@@ -172,9 +168,7 @@ def test_a_reset_peer_is_reported_to_connection_lost(loop_kind: str) -> None:
 @LOOPS
 def test_read_now_takes_what_was_sent_before_the_stream_reads(loop_kind: str) -> None:
     async def main() -> None:
-        ours, theirs = socket.socketpair()
-        proto = Recorder()
-        stream = SocketStream(ours, proto)
+        stream, proto, theirs = stream_pair()
         assert stream.read_now(100) == b""  # not started, nothing sent: no wait, no error
         theirs.sendall(b"first request")
         stream.start()
