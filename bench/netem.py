@@ -7,9 +7,10 @@ the server namespace and the clients in the client namespace, and times one down
 ``-L``. Prints MB/s for both and the ratio conduit/OpenSSH. Needs root, ``ip`` and ``tc`` (iproute2).
 
 When the kernel has no sch_netem (tc says "Specified qdisc kind is unknown"), the delay comes from a user-space
-delay line instead: a relay in the client namespace that holds every chunk 25 ms in each direction and never
-stops reading (the link has no bandwidth limit of its own, so the SSH window is what bounds a stream). The
-output says which was used.
+delay line instead: the namespaces are joined by a TUN device each, and a process outside both carries every IP
+packet from one to the other 25 ms later, never stopping reading (the link has no bandwidth limit of its own, so
+the SSH window is what bounds a stream). As with netem, TCP in both namespaces sees the delay as its round trip.
+The output says which was used.
 
     python3 bench/netem.py                  # 128 MiB, 25 ms each way
     python3 bench/netem.py --bytes 67108864 --delay-ms 50
@@ -21,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import fcntl
 import os
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,7 +43,12 @@ SSH_PORT = 2201
 CONDUITD_PORT = 2202
 SOURCE_PORT = 9000
 SINK_PORT = 9001
-RELAY_OFFSET = 100  # the relay for server port P listens on the client's address, port P + 100
+TCP_BUFFERS = "4096 131072 134217728"  # min, default, max: Linux's 6 MiB default max carries ~60 MB/s at 50 ms
+LINE_MTU = 16384  # one IP packet per read: within the line's CPU at 200 MB/s (65000 left TCP windows stuck at 84 KiB)
+LINE_START_TIMEOUT = 10.0
+TUNSETIFF = 0x400454CA  # linux/if_tun.h
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -56,15 +66,17 @@ def missing_reason() -> str | None:
 
 
 class HostPair:
-    """Two namespaces joined by veth: ``server`` (10.200.N.1) and ``client`` (10.200.N.2)."""
+    """Two namespaces, ``server`` (10.200.N.1) and ``client`` (10.200.N.2), joined by veth with netem on both
+    ends, or by the user-space delay line where the kernel has no netem."""
 
     def __init__(self, delay_ms: float) -> None:
         n = os.getpid() % 250 + 1
         self.server_ns, self.client_ns = f"cdsrv{os.getpid()}", f"cdcli{os.getpid()}"
         self.server_ip, self.client_ip = f"10.200.{n}.1", f"10.200.{n}.2"
         self.delay_ms = delay_ms
-        self.mode = ""  # "netem" or "relay" once set up
+        self.mode = ""  # "netem" or "tun" once set up
         self.netem_error = ""
+        self.line: subprocess.Popen[bytes] | None = None  # the delay line's process ("tun")
 
     def __enter__(self) -> HostPair:
         try:
@@ -96,106 +108,95 @@ class HostPair:
             run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             run("ip", "-n", ns, "link", "set", dev, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
+            for name in ("tcp_rmem", "tcp_wmem"):  # TCP's own window must not be what caps a stream at 50 ms
+                run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv4.{name}={TCP_BUFFERS}")
         results = [
             run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
                 f"{self.delay_ms}ms", check=False)
             for ns, dev in ((self.server_ns, veth_s), (self.client_ns, veth_c))
         ]  # fmt: skip
         failed = [r for r in results if r.returncode != 0]
-        if failed:
-            self.mode = "relay"
-            self.netem_error = failed[0].stderr.strip()
-        else:
+        if not failed:
             self.mode = "netem"
+            return
+        self.netem_error = failed[0].stderr.strip()
+        run("ip", "-n", self.server_ns, "link", "del", veth_s)  # and with it the client's end
+        self._build_delay_line()
+        self.mode = "tun"
+
+    def _build_delay_line(self) -> None:
+        """A TUN device in each namespace, both opened by the delay line's process, which carries packets."""
+        tun_s, tun_c = f"cdts{os.getpid() % 100000}", f"cdtc{os.getpid() % 100000}"
+        self.line = subprocess.Popen(
+            [sys.executable, __file__, "line", tun_s, tun_c, str(self.delay_ms / 1000)], stdout=subprocess.PIPE
+        )
+        assert self.line.stdout is not None
+        ready, _, _ = select.select([self.line.stdout], [], [], LINE_START_TIMEOUT)
+        if not ready or self.line.stdout.readline() != b"ready\n":
+            raise RuntimeError("the delay line did not start")
+        for ns, dev, ip, peer in (
+            (self.server_ns, tun_s, self.server_ip, self.client_ip),
+            (self.client_ns, tun_c, self.client_ip, self.server_ip),
+        ):
+            run("ip", "link", "set", dev, "netns", ns)  # the process's descriptor stays attached to it
+            run("ip", "-n", ns, "addr", "add", ip, "peer", peer, "dev", dev)
+            run("ip", "-n", ns, "link", "set", dev, "mtu", str(LINE_MTU), "up")
 
     def __exit__(self, *exc: object) -> None:
+        if self.line is not None:
+            stop_process(self.line)  # its TUN devices go with it
         for ns in (self.server_ns, self.client_ns):
-            run("ip", "netns", "del", ns, check=False)  # deletes its veth end, and with it the pair
+            run("ip", "netns", "del", ns, check=False)  # deletes a veth end there, and with it the pair
 
     def exec(self, ns: str, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
         return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], **kw)  # type: ignore[call-overload]
-
-    def start_relay(self, port: int) -> subprocess.Popen[bytes] | None:
-        """Without netem: the delay line in the client namespace toward server port ``port``."""
-        if self.mode != "relay":
-            return None
-        return self.exec(
-            self.client_ns, sys.executable, __file__, "relay", self.client_ip, str(port + RELAY_OFFSET),
-            self.server_ip, str(port), str(self.delay_ms / 1000), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def ssh_address(self, port: int) -> tuple[str, int]:
-        """Where a client in the client namespace reaches server port ``port`` across the delayed link."""
-        if self.mode == "netem":
-            return self.server_ip, port
-        return self.client_ip, port + RELAY_OFFSET
 
 
 # --- the user-space delay line (used when sch_netem is missing) ---
 
 
-class _DelaySide(asyncio.Protocol):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.peer: _DelaySide | None = None
-        self.early: list[bytes] = []
-        self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.loop.call_later(self.delay, self._deliver, data)
-
-    def _deliver(self, data: bytes) -> None:
-        if self.peer is None:
-            self.early.append(data)  # the far side is still connecting
-        elif self.peer.transport is not None and not self.peer.transport.is_closing():
-            self.peer.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.loop.call_later(self.delay, self._deliver_eof)
-        return True
-
-    def _deliver_eof(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                self.peer.transport.write_eof()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.loop.call_later(self.delay * 2, self.peer.transport.close)
+def open_tun(name: str) -> int:
+    """A new TUN device ``name`` (IP packets, no header), non-blocking; it lives while the descriptor is open."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
 
 
-async def relay(listen: tuple[str, int], target: tuple[str, int], delay: float) -> None:
+async def carry(source: int, target: int, delay: float) -> None:
+    """Write each packet read from ``source`` to ``target`` ``delay`` seconds later, in order; forever."""
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
+    queue: collections.deque[tuple[float, bytes]] = collections.deque()
 
-    def factory() -> _DelaySide:
-        inbound = _DelaySide(delay)
+    def deliver() -> None:
+        now = loop.time()
+        while queue and queue[0][0] <= now:
+            with contextlib.suppress(OSError):  # a full device queue drops the packet, as a link would
+                os.write(target, queue.popleft()[1])
+        if queue:
+            loop.call_at(queue[0][0], deliver)
 
-        async def connect() -> None:
-            outbound = _DelaySide(delay)
+    def readable() -> None:
+        for _ in range(64):  # what is queued now, bounded so the other direction gets its turn
             try:
-                await loop.create_connection(lambda: outbound, *target)
-            except OSError:
-                if inbound.transport is not None:
-                    inbound.transport.close()
+                packet = os.read(source, LINE_MTU + 1024)
+            except BlockingIOError:
                 return
-            inbound.peer, outbound.peer = outbound, inbound
-            for data in inbound.early:
-                inbound._deliver(data)
-            inbound.early.clear()
+            queue.append((loop.time() + delay, packet))
+            if len(queue) == 1:
+                loop.call_at(queue[0][0], deliver)
 
-        tasks.add(task := loop.create_task(connect()))
-        task.add_done_callback(tasks.discard)
-        return inbound
+    loop.add_reader(source, readable)
+    await asyncio.Event().wait()
 
-    server = await loop.create_server(factory, *listen, backlog=1024)
-    async with server:
-        await server.serve_forever()
+
+def delay_line(name_a: str, name_b: str, delay: float) -> None:
+    a, b = open_tun(name_a), open_tun(name_b)
+    print("ready", flush=True)
+
+    async def both() -> None:
+        await asyncio.gather(carry(a, b, delay), carry(b, a, delay))
+
+    asyncio.run(both())
 
 
 # --- source and sink ---
@@ -253,9 +254,10 @@ def echo_server(host: str, port: int) -> None:
 
 
 def round_trip(host: str, port: int, timeout: float) -> None:
-    """Print the seconds one small message takes to come back from host:port (after connecting)."""
+    """Print the seconds one small message takes to come back from host:port (after connecting), and TCP's
+    minimum round trip on that connection."""
     deadline = time.monotonic() + timeout
-    for _ in range(100):  # the relay may be up before the far end is: it then closes at once, so try again
+    for _ in range(100):  # the echo server may not be listening yet: try again
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             started = time.monotonic()
@@ -264,7 +266,9 @@ def round_trip(host: str, port: int, timeout: float) -> None:
             while len(got) < 4 and (chunk := sock.recv(4)):
                 got += chunk
             if got == b"ping":
-                print(f"{got.decode()} {time.monotonic() - started:.4f}")
+                from sshconduit.aio import tcp_min_rtt  # the tests run this with the package importable
+
+                print(f"{got.decode()} {time.monotonic() - started:.4f} {tcp_min_rtt(sock):.4f}")
                 return
         if time.monotonic() > deadline:
             break
@@ -330,7 +334,6 @@ def start_servers(hosts: HostPair, tmp: Path, stack: contextlib.ExitStack) -> No
         hosts.exec(hosts.server_ns, sys.executable, __file__, "source", str(SOURCE_PORT), str(BYTES[0]), **quiet),
         hosts.exec(hosts.server_ns, sys.executable, __file__, "sink", str(SINK_PORT), **quiet),
     ]  # fmt: skip
-    procs += [p for port in (SSH_PORT, CONDUITD_PORT) if (p := hosts.start_relay(port)) is not None]
     for proc in procs:
         stack.callback(stop_process, proc)
     time.sleep(1.5)  # sshd and conduitd bind their addresses
@@ -346,11 +349,10 @@ def measure(
     hosts: HostPair, tmp: Path, client: list[str], port: int, lport: int, timeout: float, up: bool = False
 ) -> float:
     """Start ``client -N -L`` in the client namespace, time one download (upload if ``up``); returns MB/s."""
-    host, sport = hosts.ssh_address(port)
     cmd = [
         *client, "-F", "none", "-N", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "BatchMode=yes", "-i", str(tmp / "id_ed25519"), "-p", str(sport),
-        "-L", f"127.0.0.1:{lport}:127.0.0.1:{SINK_PORT if up else SOURCE_PORT}", f"root@{host}",
+        "-o", "BatchMode=yes", "-i", str(tmp / "id_ed25519"), "-p", str(port),
+        "-L", f"127.0.0.1:{lport}:127.0.0.1:{SINK_PORT if up else SOURCE_PORT}", f"root@{hosts.server_ip}",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     tunnel = hosts.exec(hosts.client_ns, *cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -420,9 +422,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "rtt":
         round_trip(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
         return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "relay":
-        _, _, lhost, lport, thost, tport, delay = sys.argv
-        asyncio.run(relay((lhost, int(lport)), (thost, int(tport)), float(delay)))
+    if len(sys.argv) > 1 and sys.argv[1] == "line":
+        delay_line(sys.argv[2], sys.argv[3], float(sys.argv[4]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bytes", type=int, default=128 << 20)
@@ -437,7 +438,7 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     result = compare(args.bytes, args.delay_ms, args.rounds, args.timeout, args.mixed, args.up)
-    if result["mode"] == "relay":
+    if result["mode"] == "tun":
         print(f"sch_netem unavailable ({result['netem_error']}): using the user-space delay line")
     way = "upload" if args.up else "download"
     print(f"RTT {result['rtt_ms']:.0f} ms ({result['mode']}), {args.bytes >> 20} MiB one {way} through -L, MB/s:")
