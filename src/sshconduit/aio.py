@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
@@ -26,6 +27,10 @@ from .transport import HostKeyReceived, KexComplete, PeerDisconnected, Role, Tra
 # A read at least this big means bulk data is arriving: ACK it now, from this process (see data_received).
 BULK_READ = 16 * 1024
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+# Window auto-tuning asks TCP for the network's round trip (connection.ConnectionLayer.path_rtt) this often.
+PATH_RTT_INTERVAL = 1.0
+_TCP_INFO_LENGTH = 152  # Linux's struct tcp_info up to tcpi_min_rtt (4.6+)
+_TCP_INFO_MIN_RTT = struct.Struct("=148xI")  # tcpi_min_rtt: microseconds, ~0 before the first sample
 
 log = logging.getLogger("sshconduit")
 
@@ -106,7 +111,8 @@ class SSHConnection(asyncio.Protocol):
         self._max_channels = max_channels
         self._grace_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None
-        self._quickack_socket: socket.socket | None = None  # TCP on Linux: bulk reads are ACKed at once
+        self._tcp_socket: socket.socket | None = None  # TCP on Linux: bulk reads are ACKed at once, RTT read
+        self._path_rtt_due = 0.0  # when to ask TCP for its round trip again
         self._flush_scheduled = False
         self._late_flush_scheduled = False
         self._batch_end: list[Callable[[], None]] = []  # run once the events of one read are handled
@@ -142,7 +148,7 @@ class SSHConnection(asyncio.Protocol):
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Our own socket object on a duplicate descriptor, closed with the connection: uvloop's stand-in makes
             # a socket object, and a getsockname system call, for each setsockopt.
-            self._quickack_socket = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+            self._tcp_socket = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = (str(peer[0]), int(peer[1]))
@@ -157,15 +163,18 @@ class SSHConnection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        if len(data) >= BULK_READ and self._quickack_socket is not None:
+        if len(data) >= BULK_READ and self._tcp_socket is not None:
             # Otherwise the kernel sends the delayed ACK while it processes the peer's next send; on the same host
             # that work (and the freeing of the peer's acknowledged buffers) runs on the peer's CPU time, and a
             # sender at full CPU, such as sshd during a download, slows by about a fifth.
-            self._quickack_socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            self._tcp_socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         self._flush_scheduled = True  # what the handlers queue goes out in the _flush below: no call_soon each
         self.last_received = time.monotonic()
         if self.channels is not None:
             self.channels.now = self.last_received  # the clock for receive-window auto-tuning
+            if self.last_received >= self._path_rtt_due and self._tcp_socket is not None:
+                self._path_rtt_due = self.last_received + PATH_RTT_INTERVAL
+                self.channels.path_rtt = tcp_min_rtt(self._tcp_socket)
         try:
             self._handle_events(self.core.receive_data(data))
         except ProtocolError as exc:
@@ -179,9 +188,9 @@ class SSHConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._quickack_socket is not None:
-            self._quickack_socket.close()  # the descriptor's last duplicate: the kernel closes the socket now
-            self._quickack_socket = None
+        if self._tcp_socket is not None:
+            self._tcp_socket.close()  # the descriptor's last duplicate: the kernel closes the socket now
+            self._tcp_socket = None
         if self._grace_timer:
             self._grace_timer.cancel()
         if self.close_reason is None:
@@ -644,3 +653,15 @@ def handler_window(handler: ChannelHandler, peer_is_us: bool = False) -> tuple[i
         getattr(handler, "window", limits.DEFAULT_WINDOW),
         getattr(handler, "max_packet", limits.DEFAULT_MAX_PACKET),
     )
+
+
+def tcp_min_rtt(sock: socket.socket) -> float:
+    """TCP's minimum round trip on ``sock`` in seconds (Linux's tcpi_min_rtt); 0.0 when the kernel has none."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, AttributeError):  # not Linux (no TCP_INFO), or the socket is gone
+        return 0.0
+    if len(info) < _TCP_INFO_LENGTH:
+        return 0.0
+    (micros,) = _TCP_INFO_MIN_RTT.unpack(info)
+    return 0.0 if micros == 0xFFFFFFFF else micros / 1e6

@@ -158,6 +158,7 @@ class ConnectionLayer:
         self._global_replies_owed = 0
         self.window_growth = 0  # bytes auto-tuning added to receive windows of open channels (capped)
         self.now = 0.0  # the adapter's clock at the current input, for window auto-tuning; 0 = no clock
+        self.path_rtt = 0.0  # the network's round trip as the adapter's transport measured it; 0 = unknown
         self._global_replies_expected = 0
         self._no_more_sessions = False
         self.max_payload = limits.MAX_PAYLOAD_WE_SEND  # raised to PEER_MAX_PAYLOAD for a sshconduit peer
@@ -468,7 +469,8 @@ class ConnectionLayer:
             return
         increment = channel.consume(nbytes)
         if increment:
-            extra = channel.grow_window(increment, self.now, limits.MAX_CONNECTION_WINDOW_GROWTH - self.window_growth)
+            allowance = limits.MAX_CONNECTION_WINDOW_GROWTH - self.window_growth
+            extra = channel.grow_window(increment, self.now, allowance, self.path_rtt)
             self.window_growth += extra
             increment += extra
             self._send(messages.ChannelWindowAdjust(channel.remote_id, increment).encode())

@@ -1,5 +1,8 @@
-"""A bulk read on the SSH socket is ACKed at once (TCP_QUICKACK), from our process: on the same host a delayed ACK is
-sent while the kernel handles the peer's next send, on the peer's CPU time (conduit→sshd download: +20%)."""
+"""What the adapter asks of the SSH connection's TCP socket.
+
+A bulk read is ACKed at once (TCP_QUICKACK), from our process: on the same host a delayed ACK is sent while the
+kernel handles the peer's next send, on the peer's CPU time (conduit→sshd download: +20%). And TCP's minimum round
+trip goes to the connection layer for window auto-tuning (``path_rtt``)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import socket
 
 import pytest
 
-from sshconduit import aio
+from sshconduit import aio, connection
 from sshconduit.aio import SSHConnection
 from sshconduit.transport import Role
 
@@ -102,3 +105,28 @@ def test_the_socket_kept_for_acks_is_closed_with_the_connection_and_the_peer_see
             return theirs.recv(4096)  # EOF once no descriptor holds the socket (a timeout error otherwise)
 
     assert asyncio.run(asyncio.wait_for(run(), 10)) == b""
+
+
+def test_tcp_min_rtt_is_the_kernels_on_tcp_and_unknown_elsewhere() -> None:
+    ours, theirs = connected_pair(socket.AF_INET)
+    with ours, theirs:
+        ours.sendall(b"ping")
+        assert theirs.recv(4) == b"ping"  # acknowledged by now or soon: the handshake gave a sample already
+        assert 0.0 < aio.tcp_min_rtt(ours) < 0.05  # loopback: microseconds
+    assert aio.tcp_min_rtt(ours) == 0.0  # closed
+    unix_ours, unix_theirs = connected_pair(socket.AF_UNIX)
+    with unix_ours, unix_theirs:
+        assert aio.tcp_min_rtt(unix_ours) == 0.0
+
+
+def test_connection_gives_the_connection_layer_tcps_round_trip() -> None:
+    async def run() -> float:
+        ours, theirs = connected_pair(socket.AF_INET)
+        with ours, theirs:
+            conn = SSHConnection(Role.CLIENT)
+            conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
+            conn.channels = connection.ConnectionLayer(lambda *parts: None)
+            conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+            return conn.channels.path_rtt
+
+    assert 0.0 < asyncio.run(asyncio.wait_for(run(), 10)) < 0.05
