@@ -44,6 +44,7 @@ from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
 from .forkserver import ForkServer, recv_ready, wait_exit
+from .forward.socket_stream import listen_stream
 from .pam_monitor import PAM_OPS, MonitorExchange, PamMonitorOps, monitor_pam_session
 from .policy import ServerPolicy
 from .server import ServerOptions
@@ -87,21 +88,17 @@ class PrivsepListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.options.listen:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(sockaddr)
-                sock.listen(limits.LISTEN_BACKLOG)
+            try:  # every address of host, "::" IPv6 only: sshd_config's default listens on "::" and "0.0.0.0"
+                sockets = await listen_stream(host, port, limits.LISTEN_BACKLOG)
             except OSError as exc:
-                sock.close()
                 self.close()
-                raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {exc.strerror}") from None
-            sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._accept, sock)
-            self.sockets.append(sock)
-            log.info("Server listening on %s port %d (privilege separation).", sockaddr[0], sockaddr[1])
+                reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+                raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {reason}") from None
+            for sock in sockets:
+                loop.add_reader(sock.fileno(), self._accept, sock)
+                self.sockets.append(sock)
+                address = sock.getsockname()
+                log.info("Server listening on %s port %d (privilege separation).", address[0], address[1])
 
     def _accept(self, listener: socket.socket) -> None:
         try:

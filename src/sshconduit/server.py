@@ -225,7 +225,7 @@ async def listen(options: ServerOptions, factory: Callable[[], SSHConnection] | 
     for host, port in options.listen:
         try:
             make = factory or (lambda: make_server_connection(options))
-            server = await loop.create_server(make, host, port, reuse_address=True)
+            server = await loop.create_server(make, host, port, reuse_address=True, backlog=limits.LISTEN_BACKLOG)
         except OSError as exc:
             for s in servers:
                 s.close()

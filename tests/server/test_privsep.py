@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -352,3 +353,54 @@ def test_privsep_honours_max_startups(keyset, tmp_path, test_user):
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as third:
             assert read_banner(third) == b""  # two unauthenticated connections held: MaxStartups full
     assert "past MaxStartups" in d.output()  # read once the held connections' processes are gone
+
+
+BANNER_PROBE = """
+import socket, sys, time
+deadline = time.monotonic() + 15
+for _ in range(150):
+    try:
+        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as sock:
+            print(sock.recv(64).split(b"\\r\\n")[0].decode())
+            break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("privsep", ["no", "yes"])
+def test_default_listen_addresses_serve_both_families(keyset, tmp_path, privsep):
+    # sshd_config's default is to listen on "::" and "0.0.0.0" at once; the separated listener once bound "::"
+    # dual-stack, and then "0.0.0.0" failed: "Address already in use". Wildcards bind only inside a namespace
+    # of the test's own, where loopback is the only interface.
+    if shutil.which("ip") is None:
+        pytest.skip("ip (iproute2) not found")
+    namespace = f"cdlisten{os.getpid()}{privsep}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True, timeout=10)
+        config = tmp_path / "conduitd_config"
+        config.write_text(
+            f"Port 2222\nHostKey {keyset.host_keys['ed25519']}\nPidFile none\nUsePrivilegeSeparation {privsep}\n"
+        )
+        inside = ["ip", "netns", "exec", namespace]
+        daemon = subprocess.Popen(
+            [*inside, sys.executable, "-m", "sshconduit.cli.conduitd", "-D", "-e", "-f", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env_with_src(),
+        )  # fmt: skip
+        try:
+            probe = [*inside, sys.executable, "-c", BANNER_PROBE]
+            banners = [
+                subprocess.run([*probe, host, "2222"], capture_output=True, text=True, timeout=30)
+                for host in ("127.0.0.1", "::1")
+            ]
+        finally:
+            daemon.terminate()
+            said = daemon.communicate(timeout=10)[0].decode(errors="replace")
+        for banner in banners:
+            assert banner.stdout.startswith("SSH-2.0-"), (banner.stderr[-300:], said)
+        assert "Address already in use" not in said
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], timeout=10)
