@@ -147,7 +147,7 @@ class Channel:
 
         Our own samples time the peer's sending through the rest of its window, so a queue in the sockets
         between us counts as round trip, and the queue grows with the window: on loopback they read 0.6-3.6 ms
-        against TCP's 0.03 ms, the window grew to 8 MiB, and sshd, which reads ahead into its channel buffer as
+        against TCP's 0.005 ms, the window grew to 8 MiB, and sshd, which reads ahead into its channel buffer as
         far as the window lets it, took 10,000-48,000 page faults growing that buffer in one 256 MiB download.
         ``path_rtt``, the network's own minimum when the transport knows it, has no queue in it.
         """
