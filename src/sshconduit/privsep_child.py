@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import limits, pam_session, privsep
+from . import pam_session, privsep
 from .aio import failure_floor
 from .auth import publickey_signed_data
 from .authmethods import MethodLists
@@ -44,10 +44,9 @@ from .config.sshd_config import ServerConfig
 from .crypto import keys
 from .errors import KeyError_
 from .forkserver import ForkServer, recv_ready, wait_exit
-from .forward.socket_stream import listen_stream
 from .pam_monitor import PAM_OPS, MonitorExchange, PamMonitorOps, monitor_pam_session
 from .policy import ServerPolicy
-from .server import ServerOptions
+from .server import ServerOptions, bind_listen_address
 from .server_config import StartupGate
 
 log = logging.getLogger("sshconduit.privsep")
@@ -88,12 +87,11 @@ class PrivsepListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.options.listen:
-            try:  # every address of host, "::" IPv6 only: sshd_config's default listens on "::" and "0.0.0.0"
-                sockets = await listen_stream(host, port, limits.LISTEN_BACKLOG)
-            except OSError as exc:
+            try:
+                sockets = await bind_listen_address(host, port)
+            except OSError:
                 self.close()
-                reason = os.strerror(exc.errno) if exc.errno else exc.strerror
-                raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {reason}") from None
+                raise
             for sock in sockets:
                 loop.add_reader(sock.fileno(), self._accept, sock)
                 self.sockets.append(sock)

@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import pwd
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from .crypto import keys
 from .errors import ChannelOpenError, Disconnected, DisconnectReason
 from .forward import direct, remote
 from .forward.bridge import StreamBridge
+from .forward.socket_stream import listen_stream
 from .policy import ServerPolicy
 from .transport import Role, TransportConfig
 
@@ -221,19 +223,31 @@ async def listen(options: ServerOptions, factory: Callable[[], SSHConnection] | 
     if not options.host_keys:
         raise ValueError("a server needs at least one host key")
     loop = asyncio.get_running_loop()
-    servers = []
-    for host, port in options.listen:
-        try:
-            make = factory or (lambda: make_server_connection(options))
-            server = await loop.create_server(make, host, port, reuse_address=True, backlog=limits.LISTEN_BACKLOG)
-        except OSError as exc:
-            for s in servers:
-                s.close()
-            # asyncio's strerror is "error while attempting to bind on address ...": sshd's plain reason instead
-            reason = os.strerror(exc.errno) if exc.errno else exc.strerror
-            raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {reason}") from None
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            log.info("Server listening on %s port %d.", addr[0], addr[1])
-        servers.append(server)
+    make = factory or (lambda: make_server_connection(options))
+    servers: list[asyncio.Server] = []
+    pending: list[socket.socket] = []  # bound, not yet handed to a server: ours to close on failure
+    try:
+        for host, port in options.listen:
+            pending = await bind_listen_address(host, port)
+            while pending:
+                servers.append(await loop.create_server(make, sock=pending[0], backlog=limits.LISTEN_BACKLOG))
+                address = pending.pop(0).getsockname()
+                log.info("Server listening on %s port %d.", address[0], address[1])
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in pending:
+            sock.close()
+        raise
     return servers
+
+
+async def bind_listen_address(host: str | None, port: int) -> list[socket.socket]:
+    """conduitd's listening sockets for one ListenAddress, with and without privilege separation: every address
+    of ``host``, "::" IPv6-only so that sshd_config's default ("::" and "0.0.0.0") binds both. OSError says which
+    address failed and why, as sshd does."""
+    try:
+        return await listen_stream(host, port, limits.LISTEN_BACKLOG)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+        raise OSError(exc.errno, f"Bind to port {port} on {host or '0.0.0.0'} failed: {reason}") from None
