@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import struct
-from typing import Annotated, Any, ClassVar, get_origin
+from typing import Annotated, Any, ClassVar, Self, get_origin
 
 from . import wire
 from .errors import ProtocolError
@@ -98,6 +98,16 @@ class _Record:
     def __hash__(self) -> int:
         return hash((self.__class__, self._values()))
 
+    def encode(self) -> bytes:
+        return self._write()  # type: ignore[attr-defined, no-any-return]
+
+    @classmethod
+    def decode_body(cls, reader: Reader) -> Self:
+        """The record from the rest of ``reader``, which it must use up."""
+        values = cls._read(reader)  # type: ignore[attr-defined]
+        reader.expect_end()
+        return cls(*values)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._field_names)
         return f"{type(self).__qualname__}({fields})"
@@ -153,15 +163,6 @@ class Message(_Record):
         cls.ID = msg_id
         if dispatch:
             _BY_ID[msg_id] = cls
-
-    def encode(self) -> bytes:
-        return self._write()  # type: ignore[attr-defined, no-any-return]
-
-    @classmethod
-    def decode_body(cls, reader: Reader) -> Message:
-        values = cls._read(reader)  # type: ignore[attr-defined]
-        reader.expect_end()
-        return cls(*values)
 
 
 def decode_as(cls: type[Message], payload: bytes | memoryview) -> Any:
@@ -434,15 +435,9 @@ def channel_data_header(recipient: int, length: int) -> bytes:
 class _Tail(_Record):
     """Like Message but for a tail inside another message: no number, no dispatch."""
 
-    def encode(self) -> bytes:
-        return self._write()  # type: ignore[attr-defined, no-any-return]
-
     @classmethod
-    def decode(cls, data: bytes) -> Any:
-        reader = Reader(data)
-        values = cls._read(reader)  # type: ignore[attr-defined]
-        reader.expect_end()
-        return cls(*values)
+    def decode(cls, data: bytes) -> Self:
+        return cls.decode_body(Reader(data))
 
     @classmethod
     def decode_with_rest(cls, data: bytes) -> tuple[Any, bytes]:
