@@ -67,7 +67,9 @@ def quickack_after(family: socket.AddressFamily, data: bytes) -> int | None:
             conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
             conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
             conn.data_received(data)
-            return ours.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) if tcp else None
+            quickack = ours.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) if tcp else None
+            conn.connection_lost(None)  # closes its duplicate descriptor
+            return quickack
 
     return asyncio.run(asyncio.wait_for(run(), 10))
 
@@ -127,6 +129,8 @@ def test_connection_gives_the_connection_layer_tcps_round_trip() -> None:
             conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
             conn.channels = connection.ConnectionLayer(lambda *parts: None)
             conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
-            return conn.channels.path_rtt
+            path_rtt = conn.channels.path_rtt
+            conn.connection_lost(None)  # closes its duplicate descriptor
+            return path_rtt
 
     assert 0.0 < asyncio.run(asyncio.wait_for(run(), 10)) < 0.05
