@@ -114,7 +114,7 @@ class SSHConnection(asyncio.Protocol):
         self._tcp_socket: socket.socket | None = None  # TCP on Linux: bulk reads are ACKed at once, RTT read
         self._path_rtt_due = 0.0  # when to ask TCP for its round trip again
         self._flush_scheduled = False
-        self._late_flush_scheduled = False
+        self._late_flush: asyncio.Handle | None = None  # a pending schedule_late_flush
         self._batch_end: list[Callable[[], None]] = []  # run once the events of one read are handled
         self._batch_last: list[Callable[[], None]] = []  # after those: what is on no connection's critical path
         self.peername: tuple[str, int] = ("?", 0)
@@ -226,6 +226,9 @@ class SSHConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._late_flush is not None:  # this write takes what it was waiting for: no more idle loop turns
+            self._late_flush.cancel()
+            self._late_flush = None
         out = self.core.data_to_send()
         if out and self._socket is not None and not self._socket.is_closing():
             self._socket.writelines(out)
@@ -241,16 +244,15 @@ class SSHConnection(asyncio.Protocol):
         """Flush LATE_FLUSH_TURNS loop turns from now: for what is on no critical path (a channel's EOF and CLOSE),
         so it shares a write with what the callbacks of the same poll lead to: the client's CHANNEL_OPEN for a
         forward's next connection (its connection_made runs after an already scheduled flush), the server's
-        OPEN_CONFIRMATION for an open whose connect had to wait."""
-        if not self._late_flush_scheduled:
-            self._late_flush_scheduled = True
-            self.loop.call_soon(self._late_flush, LATE_FLUSH_TURNS - 1)
+        OPEN_CONFIRMATION for an open whose connect had to wait. Any flush before then cancels it."""
+        if self._late_flush is None:
+            self._late_flush = self.loop.call_soon(self._late_flush_turn, LATE_FLUSH_TURNS - 1)
 
-    def _late_flush(self, turns: int) -> None:
+    def _late_flush_turn(self, turns: int) -> None:
         if turns:
-            self.loop.call_soon(self._late_flush, turns - 1)
+            self._late_flush = self.loop.call_soon(self._late_flush_turn, turns - 1)
             return
-        self._late_flush_scheduled = False
+        self._late_flush = None
         self._flush()
 
     def send(self, *parts: bytes | memoryview) -> None:

@@ -107,6 +107,32 @@ def test_an_eof_and_close_alone_still_go_out_within_a_few_turns() -> None:
     asyncio.run(asyncio.wait_for(run(), 10))
 
 
+def test_a_write_before_the_late_flush_ends_its_idle_loop_turns() -> None:
+    """The server's EOF and CLOSE usually leave with the next reply's write; the late flush's turns after that
+    were each a loop iteration (an epoll_wait) for nothing."""
+
+    async def run() -> None:
+        conn, sock = await connected()
+        channel = conn.open_channel(ChannelHandler(), "direct-tcpip")
+        confirm(conn, channel)
+        conn.send_eof(channel)
+        conn._flush()  # as a read's or an open's own flush
+        flushes = 0
+        real_flush = conn._flush
+
+        def counting_flush() -> None:
+            nonlocal flushes
+            flushes += 1
+            real_flush()
+
+        conn._flush = counting_flush  # type: ignore[method-assign]
+        await turns(aio.LATE_FLUSH_TURNS + 2)
+        assert flushes == 0
+        assert len(sock.writes) == 2  # the open, then the EOF with that flush
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+
+
 def test_replies_to_one_read_go_out_in_one_write_at_its_end() -> None:
     async def run() -> None:
         conn, sock = await connected()
