@@ -208,11 +208,8 @@ def main() -> int:
         keys = Path(tmp)
         ports = run.start_servers(keys, stack)
         templates = run.tunnels(keys, ports)
-        destination = subprocess.Popen(
-            [sys.executable, "-c", f"import runpy; runpy.run_path({str(run.TUNNELBENCH)!r})['serve']()"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        serve = [sys.executable, str(run.TUNNELBENCH), "--serve"]  # the destination tunnelbench starts for itself
+        destination = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
         stack.callback(destination.kill)
         assert destination.stdout is not None
         dport = int(destination.stdout.readline())
