@@ -4,10 +4,15 @@ at best, measured in one run beside OpenSSH's ssh↔sshd and conduit↔conduitd.
 
 The floor is a forwarder shaped like an SSH tunnel and nothing more: a client process that accepts and sends
 each connection's bytes as frames over ONE persistent TCP connection, and a server process that connects to the
-destination for each new frame id. It has a raw epoll loop (no asyncio), a 9-byte frame header, no windows, no
-channel confirmation and no checks; with ``--gcm`` each frame is sealed and opened with AES-128-GCM as
-aes128-gcm@openssh.com does. It is only fit for rr (it has no flow control), which is all it is for: whatever
-conduit does per connection, it cannot cost less than this.
+destination for each new frame id. It has a raw epoll loop, a 9-byte frame header, no windows and no checks. It
+is only fit for rr (it has no flow control), which is all it is for. Four of them, each a step nearer conduit:
+  - the floor: the fewest messages that carry rr (open with the first bytes, data, EOF and CLOSE);
+  - + aes128-gcm: each frame sealed and opened with AES-128-GCM as aes128-gcm@openssh.com does;
+  - + SSH's channel messages: the server confirms each open and sends EOF and CLOSE at the destination's EOF,
+    and the client answers that CLOSE, as an SSH channel does in rr;
+  - + on uvloop: the same, driven by uvloop's add_reader on the raw sockets (conduit's SocketStream) instead of
+    a raw epoll loop (asyncio's own loop when uvloop is not installed).
+What is left between the last one and conduit is conduit's own work per connection.
 
     python3 bench/rr_floor.py                      # 5 rounds of 2000 connections each, interleaved
     python3 bench/rr_floor.py --connections 3000 --rounds 7
@@ -16,6 +21,7 @@ conduit does per connection, it cannot cost less than this.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -34,7 +40,7 @@ import run
 
 FRAME = struct.Struct("!cII")  # kind, connection id, payload length
 LENGTH = struct.Struct("!I")
-OPEN, DATA, EOF, CLOSE = b"O", b"D", b"E", b"C"
+OPEN, CONFIRM, DATA, EOF, CLOSE = b"O", b"K", b"D", b"E", b"C"
 READ = 256 * 1024
 
 
@@ -88,113 +94,207 @@ class Framing:
         return out
 
 
-def forward_half(role: str, listen_port: int, target_port: int, gcm: bool) -> None:
-    """client: accept on listen_port, carry connections over one connection to the server half at target_port.
-    server: take that one connection on listen_port, connect to the destination at target_port per frame id."""
-    framing = Framing(gcm)
-    poll = select.epoll()
-    listener = socket.create_server(("127.0.0.1", listen_port), backlog=1024)
-    if role == "server":
-        print(listen_port, flush=True)
-        mux, _ = listener.accept()
-        listener.close()
-    else:
-        mux = socket.create_connection(("127.0.0.1", target_port))
-        listener.setblocking(False)
-        poll.register(listener.fileno(), select.EPOLLIN)
-        print(listen_port, flush=True)
-    mux.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    poll.register(mux.fileno(), select.EPOLLIN)
-    buffer = memoryview(bytearray(READ))  # recv() of a fresh 256 KiB bytes costs mmap, mremap and munmap
+class FloorHalf:
+    """One half of the floor forwarder. client: accept on listen_port and carry connections over one connection to
+    the server half at target_port. server: take that one connection on listen_port and connect to the destination
+    at target_port for each new id. The subclasses drive it: a raw epoll loop, or an asyncio loop's add_reader.
 
-    def receive(sock: socket.socket) -> bytes:
-        return bytes(buffer[: sock.recv_into(buffer)])
+    With ``ssh_messages`` the halves exchange what an SSH channel does in rr: the server confirms each open, sends
+    EOF and CLOSE at the destination's EOF, and the client answers that CLOSE. Without, the client sends EOF and
+    CLOSE at its socket's EOF and the server answers CLOSE: the fewest messages that carry rr.
+    """
 
-    by_fd: dict[int, tuple[int, socket.socket]] = {}
-    by_id: dict[int, socket.socket] = {}
-    next_id = 0
+    def __init__(self, role: str, listen_port: int, target_port: int, gcm: bool, ssh_messages: bool) -> None:
+        self.role, self.target_port, self.ssh_messages = role, target_port, ssh_messages
+        self.framing = Framing(gcm)
+        self.listener = socket.create_server(("127.0.0.1", listen_port), backlog=1024)
+        if role == "server":
+            print(listen_port, flush=True)
+            self.mux, _ = self.listener.accept()
+            self.listener.close()
+        else:
+            self.mux = socket.create_connection(("127.0.0.1", target_port))
+            self.listener.setblocking(False)
+            print(listen_port, flush=True)
+        self.mux.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = memoryview(bytearray(READ))  # recv() of a fresh 256 KiB bytes costs mmap, mremap and munmap
+        self.by_fd: dict[int, tuple[int, socket.socket]] = {}
+        self.by_id: dict[int, socket.socket] = {}
+        self.watched: set[int] = set()
+        self.next_id = 0
 
-    def send(*frames: bytes) -> None:
-        mux.sendall(b"".join(map(framing.seal, frames)))
+    def watch(self, fd: int) -> None:
+        raise NotImplementedError
 
-    def add(conn_id: int, sock: socket.socket) -> None:
+    def unwatch(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def receive(self, sock: socket.socket) -> bytes:
+        return bytes(self.buffer[: sock.recv_into(self.buffer)])
+
+    def send(self, *frames: bytes) -> None:
+        self.mux.sendall(b"".join(map(self.framing.seal, frames)))
+
+    def add(self, conn_id: int, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        by_fd[sock.fileno()] = (conn_id, sock)
-        by_id[conn_id] = sock
-        poll.register(sock.fileno(), select.EPOLLIN)
+        self.by_fd[sock.fileno()] = (conn_id, sock)
+        self.by_id[conn_id] = sock
+        self.watch(sock.fileno())
 
-    def drop(sock: socket.socket) -> None:
-        conn_id, _ = by_fd.pop(sock.fileno())
-        by_id.pop(conn_id, None)
-        with contextlib.suppress(FileNotFoundError):  # the server half stops polling at the destination's EOF
-            poll.unregister(sock.fileno())
+    def drop(self, sock: socket.socket) -> None:
+        conn_id, _ = self.by_fd.pop(sock.fileno())
+        self.by_id.pop(conn_id, None)
+        self.unwatch(sock.fileno())
         sock.close()
 
-    while True:
-        for fd, _events in poll.poll():
-            if role == "client" and fd == listener.fileno():
-                with contextlib.suppress(BlockingIOError):
-                    sock, _ = listener.accept()
-                    sock.setblocking(False)
-                    try:
-                        first = receive(sock)
-                    except BlockingIOError:
-                        first = b""
-                    next_id += 1
-                    add(next_id, sock)
-                    send(FRAME.pack(OPEN, next_id, len(first)) + first)
-            elif fd == mux.fileno():
-                data = receive(mux)
-                if not data:
-                    return
-                for frame in framing.frames(data):
-                    kind, conn_id, _n = FRAME.unpack_from(frame)
-                    payload = frame[FRAME.size :]
-                    target = by_id.get(conn_id)
-                    if kind == OPEN:
-                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                        sock.connect_ex(("127.0.0.1", target_port))  # loopback: done inside connect()
-                        add(conn_id, sock)
-                        if payload:
-                            sock.send(payload)
-                    elif target is None:
-                        continue
-                    elif kind == DATA:
-                        target.send(payload)
-                    elif kind == EOF:
-                        target.shutdown(socket.SHUT_WR)
-                    elif kind == CLOSE:
-                        drop(target)
-                        if role == "server":
-                            send(FRAME.pack(CLOSE, conn_id, 0))
-            elif fd in by_fd:
-                conn_id, sock = by_fd[fd]
-                try:
-                    data = receive(sock)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    send(FRAME.pack(DATA, conn_id, len(data)) + data)
-                elif role == "client":  # rr's client closed: tell the server and forget the socket
-                    drop(sock)
-                    send(FRAME.pack(EOF, conn_id, 0), FRAME.pack(CLOSE, conn_id, 0))
-                else:  # the destination's EOF: its socket goes when the client's CLOSE comes
-                    poll.unregister(fd)
+    def accept(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            sock, _ = self.listener.accept()
+            sock.setblocking(False)
+            try:
+                first = self.receive(sock)
+            except BlockingIOError:
+                first = b""
+            self.next_id += 1
+            self.add(self.next_id, sock)
+            self.send(FRAME.pack(OPEN, self.next_id, len(first)) + first)
+
+    def mux_readable(self) -> None:
+        data = self.receive(self.mux)
+        if not data:
+            raise ConnectionError("the other half closed")
+        for frame in self.framing.frames(data):
+            kind, conn_id, _n = FRAME.unpack_from(frame)
+            payload = frame[FRAME.size :]
+            target = self.by_id.get(conn_id)
+            if kind == OPEN:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock.connect_ex(("127.0.0.1", self.target_port))  # loopback: done inside connect()
+                self.add(conn_id, sock)
+                if payload:
+                    sock.send(payload)
+                if self.ssh_messages:
+                    self.send(FRAME.pack(CONFIRM, conn_id, 0))
+            elif target is None or kind == CONFIRM:
+                continue
+            elif kind == DATA:
+                target.send(payload)
+            elif kind == EOF:
+                target.shutdown(socket.SHUT_WR)
+            elif kind == CLOSE:
+                self.drop(target)
+                if (self.role == "server") != self.ssh_messages:  # the answer to the other half's CLOSE
+                    self.send(FRAME.pack(CLOSE, conn_id, 0))
+
+    def socket_readable(self, fd: int) -> None:
+        conn_id, sock = self.by_fd[fd]
+        try:
+            data = self.receive(sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.send(FRAME.pack(DATA, conn_id, len(data)) + data)
+        elif self.role == "client" and not self.ssh_messages:  # rr's client closed: tell the server, forget it
+            self.drop(sock)
+            self.send(FRAME.pack(EOF, conn_id, 0), FRAME.pack(CLOSE, conn_id, 0))
+        else:  # the socket goes when the other half's CLOSE comes
+            self.unwatch(fd)
+            if self.ssh_messages:  # as a channel: EOF, and from the server, whose destination is done, CLOSE too
+                frames = [FRAME.pack(EOF, conn_id, 0)]
+                if self.role == "server":
+                    frames.append(FRAME.pack(CLOSE, conn_id, 0))
+                self.send(*frames)
 
 
-def start_floor(stack: contextlib.ExitStack, dport: int, gcm: bool) -> int:
-    """Both halves as child processes; returns the port the client half forwards."""
-    flags = ["--gcm"] if gcm else []
+class EpollHalf(FloorHalf):
+    def run(self) -> None:
+        self.poll = select.epoll()
+        if self.role == "client":
+            self.poll.register(self.listener.fileno(), select.EPOLLIN)
+        self.poll.register(self.mux.fileno(), select.EPOLLIN)
+        listener, mux = (self.listener.fileno() if self.role == "client" else -1), self.mux.fileno()
+        while True:
+            for fd, _events in self.poll.poll():
+                if fd == listener:
+                    self.accept()
+                elif fd == mux:
+                    self.mux_readable()
+                elif fd in self.by_fd:
+                    self.socket_readable(fd)
+
+    def watch(self, fd: int) -> None:
+        self.poll.register(fd, select.EPOLLIN)
+        self.watched.add(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self.watched:
+            self.watched.remove(fd)
+            self.poll.unregister(fd)
+
+
+class LoopHalf(FloorHalf):
+    """Driven by an asyncio event loop's add_reader on the raw sockets, as conduit's SocketStream is."""
+
+    def run(self) -> None:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        if self.role == "client":
+            self.loop.add_reader(self.listener.fileno(), self.accept)
+        self.loop.add_reader(self.mux.fileno(), self._mux_readable)
+        await self.done
+
+    def _mux_readable(self) -> None:
+        try:
+            self.mux_readable()
+        except ConnectionError:
+            self.done.set_result(None)
+
+    def watch(self, fd: int) -> None:
+        self.loop.add_reader(fd, self.socket_readable, fd)
+        self.watched.add(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self.watched:
+            self.watched.remove(fd)
+            self.loop.remove_reader(fd)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def start_floor(stack: contextlib.ExitStack, dport: int, variant: str) -> int:
+    """Both halves as child processes; returns the port the client half forwards. ``variant`` holds "gcm",
+    "ssh" (SSH's messages) and "loop" (asyncio's loop, uvloop when installed) as it likes."""
     mux_port, local_port = run.free_port(), run.free_port()
     for role, listen, target in (("server", mux_port, dport), ("client", local_port, mux_port)):
-        command = [sys.executable, __file__, "half", role, str(listen), str(target), *flags]
+        command = [sys.executable, __file__, "half", role, str(listen), str(target), variant]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         stack.callback(proc.kill)
         assert proc.stdout is not None
         proc.stdout.readline()  # the half listens
     return local_port
+
+
+def floors() -> dict[str, str]:
+    """Row name: variant, each a step nearer conduit."""
+    loop = "uvloop" if _loop_factory() else "asyncio's loop"
+    return {
+        "python floor": "",
+        "python floor + aes128-gcm": "gcm",
+        "  + SSH's channel messages": "gcm,ssh",
+        f"  + those on {loop}": "gcm,ssh,loop",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -219,8 +319,8 @@ def main() -> int:
             tunnel.start()
             stack.callback(tunnel.stop)
             forwarded[name] = tunnel.port
-        forwarded["python floor"] = start_floor(stack, dport, gcm=False)
-        forwarded["python floor + aes128-gcm"] = start_floor(stack, dport, gcm=True)
+        for name, variant in floors().items():
+            forwarded[name] = start_floor(stack, dport, variant)
         for name, port in forwarded.items():
             if not tb.roundtrip(port):
                 raise SystemExit(f"{name}: no reply through the forward")
@@ -239,7 +339,11 @@ def main() -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["half"]:
+        variant = sys.argv[5].split(",") if len(sys.argv) > 5 else []
+        half = (LoopHalf if "loop" in variant else EpollHalf)(
+            sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "gcm" in variant, "ssh" in variant
+        )
         with contextlib.suppress(ConnectionError):  # the other half went first, at the end of the run
-            forward_half(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "--gcm" in sys.argv[5:])
+            half.run()
     else:
         sys.exit(main())
