@@ -235,7 +235,9 @@ class EpollHalf(FloorHalf):
 
 
 class LoopHalf(FloorHalf):
-    """Driven by an asyncio event loop's add_reader on the raw sockets, as conduit's SocketStream is."""
+    """Driven by an asyncio event loop's add_reader on the raw sockets, as conduit's SocketStream is. send() stays
+    the blocking sendall, which is fine for rr's small frames: they never meet a full socket buffer (uvloop makes
+    the descriptor non-blocking, so one that did would raise)."""
 
     def run(self) -> None:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
