@@ -124,9 +124,19 @@ class FloorHalf:
         self.next_id = 0
 
     def watch(self, fd: int) -> None:
-        raise NotImplementedError
+        self.watched.add(fd)
+        self.register(fd)
 
     def unwatch(self, fd: int) -> None:
+        """Stop reading ``fd``; once only: the server stops at the destination's EOF, before the CLOSE drops it."""
+        if fd in self.watched:
+            self.watched.remove(fd)
+            self.unregister(fd)
+
+    def register(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def unregister(self, fd: int) -> None:
         raise NotImplementedError
 
     def receive(self, sock: socket.socket) -> bytes:
@@ -224,14 +234,11 @@ class EpollHalf(FloorHalf):
                 elif fd in self.by_fd:
                     self.socket_readable(fd)
 
-    def watch(self, fd: int) -> None:
+    def register(self, fd: int) -> None:
         self.poll.register(fd, select.EPOLLIN)
-        self.watched.add(fd)
 
-    def unwatch(self, fd: int) -> None:
-        if fd in self.watched:
-            self.watched.remove(fd)
-            self.poll.unregister(fd)
+    def unregister(self, fd: int) -> None:
+        self.poll.unregister(fd)
 
 
 class LoopHalf(FloorHalf):
@@ -257,14 +264,11 @@ class LoopHalf(FloorHalf):
         except ConnectionError:
             self.done.set_result(None)
 
-    def watch(self, fd: int) -> None:
+    def register(self, fd: int) -> None:
         self.loop.add_reader(fd, self.socket_readable, fd)
-        self.watched.add(fd)
 
-    def unwatch(self, fd: int) -> None:
-        if fd in self.watched:
-            self.watched.remove(fd)
-            self.loop.remove_reader(fd)
+    def unregister(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
