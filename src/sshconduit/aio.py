@@ -485,13 +485,13 @@ class SSHConnection(asyncio.Protocol):
 
     def _handle_channel_events(self, events: list[object]) -> None:
         for event in events:
-            if isinstance(event, connection.ChannelDataReceived):
+            if type(event) is connection.ChannelDataReceived:  # most events: no table lookup, no try
                 handler = self.handlers.get(event.channel_id)
                 if handler is not None:
                     handler.data_received(event.data, event.data_type)
                 continue
             try:
-                self._channel_event(event)
+                _CHANNEL_EVENT_ROUTES[type(event)](self, event)
             except SSHError:
                 raise
             except Exception:
@@ -500,43 +500,52 @@ class SSHConnection(asyncio.Protocol):
                 if channel_id is not None and self.channels is not None and self.channels.is_open(channel_id):
                     self.channels.close(channel_id)
 
-    def _channel_event(self, event: object) -> None:
+    def _on_window_opened(self, event: connection.ChannelWindowOpened) -> None:
+        handler = self.handlers.get(event.channel_id)
+        if handler:
+            handler.window_opened()
+
+    def _on_eof_received(self, event: connection.ChannelEofReceived) -> None:
+        handler = self.handlers.get(event.channel_id)
+        if handler:
+            handler.eof_received()
+
+    def _on_close_received(self, event: connection.ChannelCloseReceived) -> None:
+        handler = self.handlers.pop(event.channel_id, None)
+        if handler:
+            handler.close_received()
+
+    def _on_open_request(self, event: connection.ChannelOpenRequest) -> None:
+        evloop.start_eagerly(self._answer_channel_open(event))
+
+    def _on_opened(self, event: connection.ChannelOpened) -> None:
+        handler = self.handlers.get(event.channel_id)
+        if handler:
+            handler.opened(event.type_data)
+
+    def _on_open_failed(self, event: connection.ChannelOpenFailed) -> None:
+        handler = self.handlers.pop(event.channel_id, None)
+        if handler:
+            handler.open_failed(ChannelOpenError(event.reason, event.description))
+
+    def _on_request_received(self, event: connection.ChannelRequestReceived) -> None:
         assert self.channels is not None
-        if isinstance(event, connection.ChannelWindowOpened):
-            handler = self.handlers.get(event.channel_id)
-            if handler:
-                handler.window_opened()
-        elif isinstance(event, connection.ChannelEofReceived):
-            handler = self.handlers.get(event.channel_id)
-            if handler:
-                handler.eof_received()
-        elif isinstance(event, connection.ChannelCloseReceived):
-            handler = self.handlers.pop(event.channel_id, None)
-            if handler:
-                handler.close_received()
-        elif isinstance(event, connection.ChannelOpenRequest):
-            evloop.start_eagerly(self._answer_channel_open(event))
-        elif isinstance(event, connection.ChannelOpened):
-            handler = self.handlers.get(event.channel_id)
-            if handler:
-                handler.opened(event.type_data)
-        elif isinstance(event, connection.ChannelOpenFailed):
-            handler = self.handlers.pop(event.channel_id, None)
-            if handler:
-                handler.open_failed(ChannelOpenError(event.reason, event.description))
-        elif isinstance(event, connection.ChannelRequestReceived):
-            handler = self.handlers.get(event.channel_id)
-            ok = handler.request_received(event.request_type, event.data) if handler else False
-            if event.want_reply and self.channels.is_open(event.channel_id):
-                self.channels.reply_request(event.channel_id, ok)
-        elif isinstance(event, connection.ChannelRequestReplied):
-            handler = self.handlers.get(event.channel_id)
-            if handler:
-                handler.request_replied(event.ok)
-        elif isinstance(event, connection.GlobalRequestReceived):
-            previous = self._global_answering
-            self._global_answering = self.loop.create_task(self._answer_global_request(event, previous))
-        elif isinstance(event, connection.GlobalRequestReplied) and self._global_replies:
+        handler = self.handlers.get(event.channel_id)
+        ok = handler.request_received(event.request_type, event.data) if handler else False
+        if event.want_reply and self.channels.is_open(event.channel_id):
+            self.channels.reply_request(event.channel_id, ok)
+
+    def _on_request_replied(self, event: connection.ChannelRequestReplied) -> None:
+        handler = self.handlers.get(event.channel_id)
+        if handler:
+            handler.request_replied(event.ok)
+
+    def _on_global_request(self, event: connection.GlobalRequestReceived) -> None:
+        previous = self._global_answering
+        self._global_answering = self.loop.create_task(self._answer_global_request(event, previous))
+
+    def _on_global_replied(self, event: connection.GlobalRequestReplied) -> None:
+        if self._global_replies:
             fut = self._global_replies.pop(0)
             if not fut.done():
                 fut.set_result((event.ok, event.data))
@@ -636,6 +645,21 @@ class SSHConnection(asyncio.Protocol):
         if self.channels is not None and self.channels.is_open(channel_id):
             self.channels.send_request(channel_id, request_type, want_reply, data)
             self.schedule_flush()
+
+
+# The connection layer's events (other than data, which _handle_channel_events takes first) and who handles each.
+_CHANNEL_EVENT_ROUTES: dict[type, Callable[[SSHConnection, Any], None]] = {
+    connection.ChannelWindowOpened: SSHConnection._on_window_opened,
+    connection.ChannelEofReceived: SSHConnection._on_eof_received,
+    connection.ChannelCloseReceived: SSHConnection._on_close_received,
+    connection.ChannelOpenRequest: SSHConnection._on_open_request,
+    connection.ChannelOpened: SSHConnection._on_opened,
+    connection.ChannelOpenFailed: SSHConnection._on_open_failed,
+    connection.ChannelRequestReceived: SSHConnection._on_request_received,
+    connection.ChannelRequestReplied: SSHConnection._on_request_replied,
+    connection.GlobalRequestReceived: SSHConnection._on_global_request,
+    connection.GlobalRequestReplied: SSHConnection._on_global_replied,
+}
 
 
 async def failure_floor(started: float) -> None:

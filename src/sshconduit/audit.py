@@ -86,6 +86,8 @@ def finished(
         bytes_to_client,
         duration,
     )
+    if _file is None:  # no AuditLog: the log line is all (this runs for every forwarded connection)
+        return
     _write(
         {
             "time": round(time.time(), 3),

@@ -76,10 +76,13 @@ class _Record:
         body = "".join(f"\n    _set(self, {name!r}, {name})" for name in own) or "\n    pass"
         scope: dict[str, Any] = {"_set": object.__setattr__, **defaults, **_CODEC_SCOPE}
         fields = [(name, _WIRE_TYPES[kind]) for name, kind in own.items()]
+        scope["_cls"] = cls
         exec(f"def __init__(self{params}):{body}\n{_codec_source(fields, prefix, scope)}", scope)  # ours only
         cls.__init__ = scope["__init__"]  # type: ignore[misc]
         cls._write = scope["_write"]  # type: ignore[attr-defined]
         cls._read = staticmethod(scope["_read"])  # type: ignore[attr-defined]
+        if "_from_payload" in scope:
+            cls._from_payload = staticmethod(scope["_from_payload"])  # type: ignore[attr-defined]
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self._field_names)
@@ -150,7 +153,21 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
     write = " + ".join(parts) or "b''"
     read = "".join(f"\n    {line}" for line in reads)
     values = "".join(f"v{i}, " for i in range(len(fields)))
-    return f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
+    source = f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
+    if prefix and all(kind in _FIXED for _name, kind in fields):
+        # The whole message in one unpack, without a Reader: most channel messages (EOF, CLOSE, adjusts) are these.
+        layout = struct.Struct(">" + "".join(_FIXED[kind] for _name, kind in fields))
+        scope["_whole"], scope["_wrong_size"] = layout.unpack_from, _wrong_size
+        size = len(prefix) + layout.size
+        source += (
+            f"def _from_payload(payload):\n    if len(payload) != {size}:\n        _wrong_size(payload, {size})\n"
+            f"    return _cls(*_whole(payload, {len(prefix)}))\n"
+        )
+    return source
+
+
+def _wrong_size(payload: bytes | memoryview, size: int) -> None:
+    raise ProtocolError("truncated message" if len(payload) < size else "unexpected data after end of message")
 
 
 class Message(_Record):
@@ -164,19 +181,24 @@ class Message(_Record):
         if dispatch:
             _BY_ID[msg_id] = cls
 
+    @classmethod
+    def _from_payload(cls, payload: bytes | memoryview) -> Self:
+        """The message from its whole payload (number included); records of fixed-size fields compile a faster one."""
+        return cls.decode_body(Reader(payload, 1))
+
 
 def decode_as(cls: type[Message], payload: bytes | memoryview) -> Any:
     """Decode ``payload`` (message number included) as ``cls``."""
     if not payload or payload[0] != cls.ID:
         raise ProtocolError(f"expected message {cls.ID}")
-    return cls.decode_body(Reader(payload, 1))
+    return cls._from_payload(payload)
 
 
 def decode_message(payload: bytes | memoryview) -> Message:
     """Decode any message in the dispatch table; an unknown number raises KeyError for UNIMPLEMENTED."""
     if not payload:
         raise ProtocolError("empty payload")
-    return _BY_ID[payload[0]].decode_body(Reader(payload, 1))
+    return _BY_ID[payload[0]]._from_payload(payload)
 
 
 # --- transport layer generic (RFC 4253) ---

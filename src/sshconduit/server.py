@@ -91,7 +91,7 @@ class ServerConnectionHandler:
                 audit.refused(conn.user, conn.peername[0], kind, destination, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
             log.debug("%s: originator %s port %d", label, req.originator_host, req.originator_port)
-            opening = direct.connect_tcp(req.host, req.port, label, self._helper(conn), open_data)
+            opening = direct.connect_tcp(req.host, req.port, label, self._helper(conn), open_data, conn.loop)
             bridge = await _open_audited(conn, kind, destination, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, destination)
         if kind == "direct-streamlocal@openssh.com":

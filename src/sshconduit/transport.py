@@ -126,6 +126,11 @@ def _negotiate(what: str, client: Sequence[str], server: Sequence[str]) -> str:
     raise KexError(f"no matching {what} found. Their offer: {','.join(server)}")
 
 
+def _packet_opening(opener: protection.PacketOpener) -> Callable[[int, memoryview], bytes | memoryview]:
+    """The opener's call that gives a packet's payload: open_view when it has one (no copy out of the body)."""
+    return getattr(opener, "open_view", None) or opener.open
+
+
 class Transport:
     def __init__(
         self,
@@ -243,6 +248,7 @@ class Transport:
         if self.peer_version is None and not self._read_version():
             return events
         opener = self._opener
+        open_packet = _packet_opening(opener)
         pos, end = 0, len(buf)
         with memoryview(buf) as view:
             while self._awaiting_host_key is None and not self._closed:
@@ -256,17 +262,15 @@ class Transport:
                 total = 4 + self._packet_length + opener.mac_size
                 if end - pos < total:
                     break
-                open_view = getattr(opener, "open_view", None)
-                if open_view is not None:
-                    payload = open_view(self._seq_in, view[pos : pos + total])
-                else:
-                    payload = opener.open(self._seq_in, view[pos : pos + total])
+                payload = open_packet(self._seq_in, view[pos : pos + total])
                 pos += total
                 self._packet_length = None
                 self._seq_in = (self._seq_in + 1) & 0xFFFFFFFF
                 self._bytes_since_kex += total
                 self._dispatch(payload, events)
-                opener = self._opener  # NEWKEYS may have switched it
+                if self._opener is not opener:  # NEWKEYS switched it
+                    opener = self._opener
+                    open_packet = _packet_opening(opener)
         if buf is self._in:
             del self._in[:pos]
         elif pos < end:

@@ -212,6 +212,7 @@ def null_opener() -> PacketOpener:
 # --- aes-gcm@openssh.com ---------------------------------------------------------------------------------
 
 _GCM_TAG_SIZE = 16
+_GCM_SMALL_PACKET = 4096  # below: encrypt() and a join beat a preallocated packet and encrypt_into
 _U64_MASK = (1 << 64) - 1
 
 
@@ -239,11 +240,14 @@ class _GcmSealer(_GcmBase):
         padding = _padding_length(1 + size, 16)
         length_field = _pack_u32(1 + size + padding)
         plaintext = b"".join((_PAD_BYTE[padding], *payload_parts, _ZEROS[:padding]))
-        # Encrypted straight behind the length field: no second copy of the packet to prepend it.
+        nonce = self._next_nonce()
+        if size < _GCM_SMALL_PACKET:  # a forward's opens, EOFs and CLOSEs
+            return length_field + self._aead.encrypt(nonce, plaintext, length_field)
+        # Encrypted straight behind the length field: no second copy of a big packet to prepend it.
         packet = bytearray(4 + len(plaintext) + _GCM_TAG_SIZE)
         packet[:4] = length_field
         with memoryview(packet) as out:
-            self._aead.encrypt_into(self._next_nonce(), plaintext, length_field, out[4:])
+            self._aead.encrypt_into(nonce, plaintext, length_field, out[4:])
         return packet  # type: ignore[return-value]  # a bytearray: what the socket takes, one copy fewer
 
 

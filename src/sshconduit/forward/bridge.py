@@ -226,7 +226,8 @@ class StreamBridge(ChannelHandler):
         self.conn.at_batch_end(self._close_socket, last=True)
 
     def _shutdown_socket_write(self) -> None:
-        if self.sock is not None and self.sock.can_write_eof():
+        # Not once CLOSE came too (in the same read, as from OpenSSH and from us): the close sends the FIN.
+        if self.sock is not None and not self._finished and self.sock.can_write_eof():
             self.sock.write_eof()
 
     def _close_socket(self) -> None:

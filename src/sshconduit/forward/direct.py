@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -32,7 +33,12 @@ def _reason(exc: OSError) -> str:
 
 
 async def connect_tcp(
-    host: str, port: int, label: str, helper: ForwardHelper | None = None, open_data: bytes = b""
+    host: str,
+    port: int,
+    label: str,
+    helper: ForwardHelper | None = None,
+    open_data: bytes = b"",
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> StreamBridge:
     """Connect to host:port (name resolution off the event loop) and return the bridge for the channel, with
     ``open_data`` (the client's first bytes, sent in its CHANNEL_OPEN) written first.
@@ -43,7 +49,7 @@ async def connect_tcp(
     except OSError as exc:
         log.info("%s: connect to %s port %d failed: %s", label, host, port, _reason(exc))
         raise ChannelOpenError(OPEN_CONNECT_FAILED, _reason(exc)) from None
-    _start(SocketStream(sock, bridge.protocol), bridge, open_data)
+    _start(SocketStream(sock, bridge.protocol, loop), bridge, open_data)
     return bridge
 
 

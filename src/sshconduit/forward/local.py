@@ -57,11 +57,7 @@ class LocalForward:
         self.port: int | None = None
         self.path: str | None = None
         self._servers: list[StreamListener] = []
-
-    @property
-    def destination(self) -> str:
-        spec = self.spec
-        return spec.connect_path or f"{spec.connect_host}:{spec.connect_port}"
+        self.destination = spec.connect_path or f"{spec.connect_host}:{spec.connect_port}"
 
     async def start(self) -> LocalForward:
         spec = self.spec
