@@ -32,6 +32,7 @@ class Recorder(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.events.append("made")
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.data += data
@@ -202,6 +203,13 @@ def test_listener_hands_out_started_streams_and_stops_on_close(loop_kind: str) -
                 break
             await asyncio.sleep(0.01)
         assert [bytes(p.data) for p in made] == [b"hi"] * 3
+        # what a forward asks of its socket: Nagle off (set on the listener, inherited), the peer from accept()
+        for proto in made:
+            assert isinstance(proto.transport, SocketStream)
+            assert proto.transport._sock is not None
+            assert proto.transport._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        peers = sorted(p.transport.get_extra_info("peername") for p in made)  # type: ignore[attr-defined]
+        assert peers == sorted(c.getsockname() for c in clients)
         listener.close()
         await listener.wait_closed()
         with pytest.raises(ConnectionRefusedError):

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -30,6 +31,7 @@ CONNECT_WAKEUPS = 3  # writability wake-ups a connect in progress gets to finish
 _RETRY = (BlockingIOError, InterruptedError)
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: socket() makes it non-blocking, no ioctl
 _GONE_ON_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)  # the client left before we took it
+_NODELAY_INHERITED = sys.platform == "linux"  # a socket accept() makes has its listener's TCP_NODELAY
 
 
 class SocketStream:
@@ -57,16 +59,18 @@ class SocketStream:
         if sock.getblocking():  # a system call each time: a socket we connected is non-blocking already
             sock.setblocking(False)
 
-    def start(self, first: bytes = b"") -> None:
+    def start(self, first: bytes = b"", nodelay_set: bool = False) -> None:
         """connection_made, then write ``first``, then read: registering the reader costs uvloop several system
-        calls, and a first write (a server's open data) is on the forwarded connection's critical path."""
+        calls, and a first write (a server's open data) is on the forwarded connection's critical path.
+        ``nodelay_set``: the socket has TCP_NODELAY already (accepted from a listener that has it, on Linux)."""
         sock = self._sock
         assert sock is not None
-        # Not sock.family (a property that makes an enum member each time), nor contextlib.suppress (an object).
-        try:  # noqa: SIM105
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # a unix socket has no Nagle to turn off
+        if not nodelay_set:
+            # Not sock.family (a property that makes an enum member each time), nor contextlib.suppress (an object).
+            try:  # noqa: SIM105
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # a unix socket has no Nagle to turn off
         self._protocol.connection_made(self)  # type: ignore[arg-type]
         if first:
             self.write(first)
@@ -257,6 +261,8 @@ class StreamListener:
         self._factory = factory
         for sock in sockets:
             sock.setblocking(False)
+            if _NODELAY_INHERITED and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for every socket accepted from it
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, listening: socket.socket) -> None:
@@ -275,7 +281,7 @@ class StreamListener:
             self.loop.remove_reader(listening.fileno())
             self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listening)
             return
-        SocketStream(sock, self._factory(), self.loop, address).start()
+        SocketStream(sock, self._factory(), self.loop, address).start(nodelay_set=_NODELAY_INHERITED)
 
     def _resume(self, listening: socket.socket) -> None:
         if listening.fileno() >= 0:
