@@ -93,3 +93,21 @@ def test_every_wire_type_in_any_order_is_written_and_read_as_wire_s_encoders_do(
     window = messages.WindowChange(80, 24, 0, 0)  # a tail: no number in front
     assert window.encode() == b"".join(wire.pack_u32(v) for v in (80, 24, 0, 0))
     assert messages.WindowChange.decode(window.encode()) == window
+
+
+def test_a_message_of_fixed_size_fields_decodes_in_one_unpack_with_the_same_checks() -> None:
+    """EOF, CLOSE, WINDOW_ADJUST and kin skip the Reader (the forwarding path's most common messages): the same
+    values, the same refusals of a short or a long payload, and the number checked as for any message."""
+    adjust = messages.ChannelWindowAdjust(7, 2**32 - 1)
+    assert messages.decode_message(adjust.encode()) == adjust
+    assert messages.decode_message(messages.ChannelEof(3).encode()) == messages.ChannelEof(3)
+    assert messages.decode_message(b"\x52") == messages.RequestFailure()  # no fields at all
+    assert messages.decode_message(memoryview(b"\x61\x00\x00\x01\x00")) == messages.ChannelClose(256)
+    for payload in (b"\x60\x00\x00\x00", b"\x5d" + bytes(7)):
+        with pytest.raises(ProtocolError, match="truncated"):
+            messages.decode_message(payload)
+    for payload in (b"\x60" + bytes(5), b"\x52\x00", adjust.encode() + b"!"):
+        with pytest.raises(ProtocolError, match="after end"):
+            messages.decode_message(payload)
+    with pytest.raises(ProtocolError, match="expected message 96"):
+        messages.decode_as(messages.ChannelEof, messages.ChannelClose(3).encode())
