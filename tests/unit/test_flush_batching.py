@@ -150,7 +150,7 @@ def test_replies_to_one_read_go_out_in_one_write_at_its_end() -> None:
     asyncio.run(asyncio.wait_for(run(), 10))
 
 
-def test_one_channel_s_socket_is_shut_and_closed_after_another_channel_s_data_of_the_same_read() -> None:
+def test_one_channel_s_socket_is_closed_after_another_channel_s_data_of_the_same_read() -> None:
     """rr: the previous connection's EOF and CLOSE arrive in the read that brings the next one's reply. The
     reply's write is on that connection's critical path; the old socket's close is not. No shutdown before that
     close: the close sends the FIN."""
