@@ -156,18 +156,15 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
     source = f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
     if prefix and all(kind in _FIXED for _name, kind in fields):
         # The whole message in one unpack, without a Reader: most channel messages (EOF, CLOSE, adjusts) are these.
+        # A payload of the wrong size goes the Reader's way, which refuses it as it refuses any message.
         layout = struct.Struct(">" + "".join(_FIXED[kind] for _name, kind in fields))
-        scope["_whole"], scope["_wrong_size"] = layout.unpack_from, _wrong_size
-        size = len(prefix) + layout.size
+        scope["_whole"], scope["_Reader"] = layout.unpack_from, Reader
         source += (
-            f"def _from_payload(payload):\n    if len(payload) != {size}:\n        _wrong_size(payload, {size})\n"
+            f"def _from_payload(payload):\n    if len(payload) != {len(prefix) + layout.size}:\n"
+            f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
             f"    return _cls(*_whole(payload, {len(prefix)}))\n"
         )
     return source
-
-
-def _wrong_size(payload: bytes | memoryview, size: int) -> None:
-    raise ProtocolError("truncated message" if len(payload) < size else "unexpected data after end of message")
 
 
 class Message(_Record):
