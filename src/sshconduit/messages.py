@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import struct
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Self, get_origin
 
 from . import wire
@@ -48,7 +49,22 @@ _DECODE = {
     "cookie": "reader.raw(16)",
     "rest": "reader.rest()",
 }
-_CODEC_SCOPE = {"_string": wire.string, "_name_list": wire.name_list, "_mpint": wire.mpint}
+# The same reads inline in a record's _split(buf, pos), for the types that need no helper; {i} is the field.
+_STRING_AT = "if end - pos < 4: return None\nn = _u32_at(buf, pos)[0]\npos += 4\nif end - pos < n: return None\n"
+_SPLIT = {
+    "string": _STRING_AT + "v{i} = bytes(buf[pos : pos + n])\npos += n",
+    "text": _STRING_AT
+    + "try: v{i} = str(buf[pos : pos + n], 'utf-8')\nexcept UnicodeDecodeError: return None\npos += n",
+    "cookie": "if end - pos < 16: return None\nv{i} = bytes(buf[pos : pos + 16])\npos += 16",
+    "rest": "v{i} = bytes(buf[pos:end])\npos = end",
+}
+_CODEC_SCOPE = {
+    "_string": wire.string,
+    "_name_list": wire.name_list,
+    "_mpint": wire.mpint,
+    "_Reader": Reader,
+    "_u32_at": struct.Struct(">I").unpack_from,
+}
 
 _BY_ID: dict[int, type[Message]] = {}
 # A field's wire type by its annotation's name: annotations stay strings here (from __future__ import annotations).
@@ -63,6 +79,9 @@ class _Record:
     of the import time, and a message costs one call each way instead of one per field."""
 
     _field_names: ClassVar[tuple[str, ...]] = ()
+    # (record, end of its fields) read from ``buf`` at ``pos``, or None where the Reader would refuse; None for
+    # a record with a field that needs a helper to read (name-list, mpint)
+    _split: ClassVar[Callable[[bytes | memoryview, int], tuple[Any, int] | None] | None] = None
 
     def __init_subclass__(cls, prefix: bytes = b"", **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,14 +92,17 @@ class _Record:
         cls._field_names = cls.__match_args__ = tuple(own)
         defaults = {f"_default_{name}": cls.__dict__[name] for name in own if name in cls.__dict__}
         params = "".join(f", {n}=_default_{n}" if f"_default_{n}" in defaults else f", {n}" for n in own)
-        body = "".join(f"\n    _set(self, {name!r}, {name})" for name in own) or "\n    pass"
-        scope: dict[str, Any] = {"_set": object.__setattr__, **defaults, **_CODEC_SCOPE}
+        # Into the instance dict: a record is made for every message, and one setattr call per field cost twice this.
+        body = "".join(f"\n    _own[{name!r}] = {name}" for name in own)
+        body = f"\n    _own = self.__dict__{body}" if own else "\n    pass"
+        scope: dict[str, Any] = {**defaults, **_CODEC_SCOPE}
         fields = [(name, _WIRE_TYPES[kind]) for name, kind in own.items()]
         scope["_cls"] = cls
         exec(f"def __init__(self{params}):{body}\n{_codec_source(fields, prefix, scope)}", scope)  # ours only
         cls.__init__ = scope["__init__"]  # type: ignore[misc]
         cls._write = scope["_write"]  # type: ignore[attr-defined]
         cls._read = staticmethod(scope["_read"])  # type: ignore[attr-defined]
+        cls._split = staticmethod(scope["_split"]) if "_split" in scope else None  # type: ignore[assignment]
         if "_from_payload" in scope:
             cls._from_payload = staticmethod(scope["_from_payload"])  # type: ignore[attr-defined]
 
@@ -117,10 +139,12 @@ class _Record:
 
 
 def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str, Any]) -> str:
-    """The source of ``_write(self)`` and ``_read(reader)`` for these (name, wire type) fields; the struct layouts
-    they use go into ``scope``. ``prefix`` (a message number) leads the bytes written."""
+    """The source of ``_write(self)``, ``_read(reader)`` and, where every field can be read inline, ``_split(buf,
+    pos)`` for these (name, wire type) fields; the struct layouts they use go into ``scope``. ``prefix`` (a message
+    number) leads the bytes written."""
     parts: list[str] = []  # expressions whose concatenation is the encoding
     reads: list[str] = []  # statements that set v0, v1, ... from the reader
+    splits: list[str] = []  # the same, read inline from buf at pos; "return None" where the Reader would refuse
     run: list[int] = []  # adjacent fixed-size fields not yet written out
     head = prefix  # bytes due before the next field, folded into its struct if it is fixed-size
 
@@ -131,9 +155,13 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
         layout = "".join(_FIXED[fields[i][1]] for i in run)
         name = f"_layout{len(scope)}"
         scope[name] = struct.Struct(">" + "B" * len(head) + layout).pack
-        scope[name + "_in"] = struct.Struct(">" + layout)
+        scope[name + "_in"] = unpack = struct.Struct(">" + layout)
+        scope[name + "_at"] = unpack.unpack_from
         parts.append(f"{name}({', '.join([*map(str, head), *(f'self.{fields[i][0]}' for i in run)])})")
-        reads.append(f"{''.join(f'v{i}, ' for i in run)}= reader.fixed({name}_in)")
+        targets = "".join(f"v{i}, " for i in run)
+        reads.append(f"{targets}= reader.fixed({name}_in)")
+        size = unpack.size
+        splits.extend((f"if end - pos < {size}: return None", f"{targets}= {name}_at(buf, pos)", f"pos += {size}"))
         run.clear()
         head = b""
 
@@ -147,6 +175,7 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
             head = b""
         parts.append(_ENCODE[kind].format(f"self.{name}"))
         reads.append(f"v{i} = {_DECODE[kind]}")
+        splits.extend(_SPLIT.get(kind, "").format(i=i).splitlines())
     end_run()
     if head:
         parts.append(repr(head))
@@ -154,15 +183,27 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
     read = "".join(f"\n    {line}" for line in reads)
     values = "".join(f"v{i}, " for i in range(len(fields)))
     source = f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
+    inline = all(kind in _FIXED or kind in _SPLIT for _name, kind in fields)
+    if inline:
+        # Read without a Reader, for the channel messages and tails a forward decodes per connection. Where the
+        # Reader would refuse (short, not UTF-8), this gives None and the caller lets the Reader say why.
+        body = "".join(f"\n    {line}" for line in splits)
+        source += f"def _split(buf, pos):\n    end = len(buf){body}\n    return _cls({values}), pos\n"
     if prefix and all(kind in _FIXED for _name, kind in fields):
-        # The whole message in one unpack, without a Reader: most channel messages (EOF, CLOSE, adjusts) are these.
-        # A payload of the wrong size goes the Reader's way, which refuses it as it refuses any message.
+        # The whole message in one unpack: most channel messages (EOF, CLOSE, adjusts) are these.
         layout = struct.Struct(">" + "".join(_FIXED[kind] for _name, kind in fields))
-        scope["_whole"], scope["_Reader"] = layout.unpack_from, Reader
+        scope["_whole"] = layout.unpack_from
         source += (
             f"def _from_payload(payload):\n    if len(payload) != {len(prefix) + layout.size}:\n"
             f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
             f"    return _cls(*_whole(payload, {len(prefix)}))\n"
+        )
+    elif prefix and inline:
+        source += (
+            f"def _from_payload(payload):\n    got = _split(payload, {len(prefix)})\n"
+            f"    if got is None or got[1] != len(payload):  # the Reader refuses it in its words\n"
+            f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
+            f"    return got[0]\n"
         )
     return source
 
@@ -456,11 +497,17 @@ class _Tail(_Record):
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        return cls.decode_body(Reader(data))
+        got = cls._split(data, 0) if cls._split is not None else None
+        if got is None or got[1] != len(data):
+            return cls.decode_body(Reader(data))  # which refuses it in the Reader's words
+        return got[0]  # type: ignore[no-any-return]
 
     @classmethod
     def decode_with_rest(cls, data: bytes) -> tuple[Any, bytes]:
         """Decode a prefix of ``data``; the bytes after it are returned for an extension's fields."""
+        got = cls._split(data, 0) if cls._split is not None else None
+        if got is not None:
+            return got[0], bytes(data[got[1] :])
         reader = Reader(data)
         values = cls._read(reader)  # type: ignore[attr-defined]
         return cls(*values), reader.raw(reader.remaining)

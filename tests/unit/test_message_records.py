@@ -111,3 +111,35 @@ def test_a_message_of_fixed_size_fields_decodes_in_one_unpack_with_the_same_chec
             messages.decode_message(payload)
     with pytest.raises(ProtocolError, match="expected message 96"):
         messages.decode_as(messages.ChannelEof, messages.ChannelClose(3).encode())
+
+
+def test_a_message_of_strings_and_integers_is_read_without_a_reader_with_the_reader_s_refusals(monkeypatch) -> None:
+    """CHANNEL_OPEN, its direct-tcpip and open-data tails, OPEN_CONFIRMATION: a forward decodes these per
+    connection, so they are read inline; what the Reader would refuse, it still refuses, in its own words."""
+    tail = messages.DirectTcpip("10.0.0.1", 80, "127.0.0.1", 5555).encode() + messages.OpenData(b"GET /").encode()
+    opening = messages.ChannelOpen("direct-tcpip", 3, 1 << 21, 1 << 15, tail)
+    confirmation = messages.ChannelOpenConfirmation(3, 9, 1 << 21, 1 << 15)
+    assert messages.KexInit._split is None and messages.KexdhReply._split is None  # name-lists, mpints: the Reader
+
+    def no_reader(*args: object) -> None:
+        raise AssertionError("the Reader was used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(wire.Reader, "__init__", no_reader)
+        assert messages.decode_message(opening.encode()) == opening
+        assert messages.decode_message(memoryview(opening.encode())) == opening
+        assert messages.decode_message(confirmation.encode()) == confirmation
+        request, rest = messages.DirectTcpip.decode_with_rest(tail)
+        assert (request.host, request.port, request.originator_port) == ("10.0.0.1", 80, 5555)
+        assert messages.OpenData.decode(rest) == messages.OpenData(b"GET /")
+    payload = opening.encode()
+    for cut in (3, 5, 17, 20):
+        with pytest.raises(ProtocolError, match="truncated"):
+            messages.decode_message(payload[:cut])
+    not_utf8 = b"\x5a" + wire.string(b"\xff\xfe") + payload[1 + 4 + len("direct-tcpip") :]
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+        messages.decode_message(not_utf8)
+    with pytest.raises(ProtocolError, match="after end"):
+        messages.OpenData.decode(messages.OpenData(b"x").encode() + b"!")
+    with pytest.raises(ProtocolError, match="truncated"):
+        messages.DirectTcpip.decode_with_rest(tail[:6])
