@@ -46,6 +46,7 @@ class FakeConnection:
         self.batch_last: list = []
         self.consumed_bytes = 0
         self.closed: list[int] = []
+        self.peer_is_us = False
 
     def at_batch_end(self, callback, last: bool = False) -> None:  # type: ignore[no-untyped-def]
         (self.batch_last if last else self.batch_end).append(callback)
@@ -148,4 +149,26 @@ def test_a_socket_lost_after_the_channel_closed_leaves_the_channel_number_alone(
     bridge, _sock, conn = make_bridge(window=1 << 30)
     bridge.opened(b"")
     bridge.socket_lost()  # the socket went first: the channel must be closed
+    assert conn.closed == [0]
+
+
+def test_the_side_that_ends_last_sends_close_alone_to_sshconduit_and_eof_then_close_to_others() -> None:
+    """The peer's EOF came first; our socket's EOF ends both directions. To an sshconduit peer a CLOSE alone says
+    that (one packet fewer per connection); another peer gets EOF then CLOSE, as OpenSSH sends them."""
+    for peer_is_us, eofs in ((True, 0), (False, 1)):
+        bridge, _sock, conn = make_bridge(window=1 << 30)
+        conn.peer_is_us = peer_is_us
+        bridge.opened(b"")
+        bridge.socket_data(b"request")
+        bridge.eof_received()
+        conn.end_batch()
+        bridge.socket_eof()
+        assert (conn.sent, conn.eofs, conn.closed) == ([b"request"], eofs, [0])
+    # the other order (our EOF first) sends EOF to either peer: the channel stays open for the peer's reply
+    bridge, _sock, conn = make_bridge(window=1 << 30)
+    conn.peer_is_us = True
+    bridge.opened(b"")
+    bridge.socket_eof()
+    assert (conn.eofs, conn.closed) == (1, [])
+    bridge.eof_received()
     assert conn.closed == [0]

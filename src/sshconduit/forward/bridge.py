@@ -260,6 +260,12 @@ class StreamBridge(ChannelHandler):
             and not self._eof_sent
         ):
             self._eof_sent = True
+            if self._channel_eof and self.conn.peer_is_us:
+                # Both directions end here: a CLOSE alone says so (RFC 4254 5.3 allows it), and an sshconduit
+                # peer's bridge takes it as EOF then close, as it would the pair. One packet fewer per forwarded
+                # connection; other peers get EOF then CLOSE, as OpenSSH sends them.
+                self.conn.close_channel(self.channel_id)
+                return
             self.conn.send_eof(self.channel_id)
             self._maybe_close()
 
