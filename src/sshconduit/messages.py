@@ -183,14 +183,16 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
     read = "".join(f"\n    {line}" for line in reads)
     values = "".join(f"v{i}, " for i in range(len(fields)))
     source = f"def _write(self):\n    return {write}\ndef _read(reader):{read}\n    return ({values})\n"
+    if not fields and not prefix:
+        return source  # the bases, Message and _Tail: their _from_payload reads with a Reader
     inline = all(kind in _FIXED or kind in _SPLIT for _name, kind in fields)
     if inline:
         # Read without a Reader, for the channel messages and tails a forward decodes per connection. Where the
         # Reader would refuse (short, not UTF-8), this gives None and the caller lets the Reader say why.
         body = "".join(f"\n    {line}" for line in splits)
         source += f"def _split(buf, pos):\n    end = len(buf){body}\n    return _cls({values}), pos\n"
-    if prefix and all(kind in _FIXED for _name, kind in fields):
-        # The whole message in one unpack: most channel messages (EOF, CLOSE, adjusts) are these.
+    if all(kind in _FIXED for _name, kind in fields):
+        # The whole record in one unpack: most channel messages (EOF, CLOSE, adjusts) are these.
         layout = struct.Struct(">" + "".join(_FIXED[kind] for _name, kind in fields))
         scope["_whole"] = layout.unpack_from
         source += (
@@ -198,7 +200,7 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
             f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
             f"    return _cls(*_whole(payload, {len(prefix)}))\n"
         )
-    elif prefix and inline:
+    elif inline:
         source += (
             f"def _from_payload(payload):\n    got = _split(payload, {len(prefix)})\n"
             f"    if got is None or got[1] != len(payload):  # the Reader refuses it in its words\n"
@@ -221,7 +223,7 @@ class Message(_Record):
 
     @classmethod
     def _from_payload(cls, payload: bytes | memoryview) -> Self:
-        """The message from its whole payload (number included); records of fixed-size fields compile a faster one."""
+        """The message from its whole payload (number included); records read inline compile a faster one."""
         return cls.decode_body(Reader(payload, 1))
 
 
@@ -496,11 +498,13 @@ class _Tail(_Record):
     """Like Message but for a tail inside another message: no number, no dispatch."""
 
     @classmethod
+    def _from_payload(cls, data: bytes | memoryview) -> Self:
+        """The record from all of ``data``; records read inline compile a faster one."""
+        return cls.decode_body(Reader(data))
+
+    @classmethod
     def decode(cls, data: bytes) -> Self:
-        got = cls._split(data, 0) if cls._split is not None else None
-        if got is None or got[1] != len(data):
-            return cls.decode_body(Reader(data))  # which refuses it in the Reader's words
-        return got[0]  # type: ignore[no-any-return]
+        return cls._from_payload(data)
 
     @classmethod
     def decode_with_rest(cls, data: bytes) -> tuple[Any, bytes]:
