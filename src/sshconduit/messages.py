@@ -76,7 +76,8 @@ class _Record:
 
     Each class gets code compiled for it: ``__init__``, ``_write()`` (its bytes, after the class's prefix) and
     ``_read(reader)`` (its field values). That is what ``dataclasses.dataclass(frozen=True)`` gave, at a fraction
-    of the import time, and a message costs one call each way instead of one per field."""
+    of the import time, and a message costs one call each way instead of one per field. A record whose fields
+    need no helper to read also gets ``_split`` and ``_from_payload``, which read it without a Reader."""
 
     _field_names: ClassVar[tuple[str, ...]] = ()
     # (record, end of its fields) read from ``buf`` at ``pos``, or None where the Reader would refuse; None for
