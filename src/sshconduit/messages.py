@@ -192,21 +192,19 @@ def _codec_source(fields: list[tuple[str, str]], prefix: bytes, scope: dict[str,
         # Reader would refuse (short, not UTF-8), this gives None and the caller lets the Reader say why.
         body = "".join(f"\n    {line}" for line in splits)
         source += f"def _split(buf, pos):\n    end = len(buf){body}\n    return _cls({values}), pos\n"
+    refuse = f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"  # in the Reader's words
     if all(kind in _FIXED for _name, kind in fields):
         # The whole record in one unpack: most channel messages (EOF, CLOSE, adjusts) are these.
         layout = struct.Struct(">" + "".join(_FIXED[kind] for _name, kind in fields))
         scope["_whole"] = layout.unpack_from
         source += (
-            f"def _from_payload(payload):\n    if len(payload) != {len(prefix) + layout.size}:\n"
-            f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
+            f"def _from_payload(payload):\n    if len(payload) != {len(prefix) + layout.size}:\n{refuse}"
             f"    return _cls(*_whole(payload, {len(prefix)}))\n"
         )
     elif inline:
         source += (
             f"def _from_payload(payload):\n    got = _split(payload, {len(prefix)})\n"
-            f"    if got is None or got[1] != len(payload):  # the Reader refuses it in its words\n"
-            f"        return _cls.decode_body(_Reader(payload, {len(prefix)}))\n"
-            f"    return got[0]\n"
+            f"    if got is None or got[1] != len(payload):\n{refuse}    return got[0]\n"
         )
     return source
 
