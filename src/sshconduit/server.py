@@ -102,7 +102,8 @@ class ServerConnectionHandler:
                 log.info("refused streamlocal forward to %s for %s (%s)", path, conn.user, denial)
                 audit.refused(conn.user, conn.peername[0], kind, path, denial)
                 raise ChannelOpenError(OPEN_PROHIBITED, "open failed")
-            opening = direct.connect_unix(path, f"{conn.user}: streamlocal {path}", self._helper(conn), open_data)
+            label = f"{conn.user}: streamlocal {path}"
+            opening = direct.connect_unix(path, label, self._helper(conn), open_data, conn.loop)
             bridge = await _open_audited(conn, kind, path, opening)
             return audit.track(bridge, conn.user, conn.peername[0], kind, path)
         raise ChannelOpenError(OPEN_UNKNOWN_TYPE, f"unknown channel type: {kind}")

@@ -59,7 +59,11 @@ def _start(stream: SocketStream, bridge: StreamBridge, open_data: bytes) -> None
 
 
 async def connect_unix(
-    path: str, label: str, helper: ForwardHelper | None = None, open_data: bytes = b""
+    path: str,
+    label: str,
+    helper: ForwardHelper | None = None,
+    open_data: bytes = b"",
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> StreamBridge:
     bridge = StreamBridge(label)
     try:
@@ -70,7 +74,7 @@ async def connect_unix(
     except OSError as exc:
         log.info("%s: connect to %s failed: %s", label, path, _reason(exc))
         raise ChannelOpenError(OPEN_CONNECT_FAILED, _reason(exc)) from None
-    _start(SocketStream(sock, bridge.protocol), bridge, open_data)
+    _start(SocketStream(sock, bridge.protocol, loop), bridge, open_data)
     return bridge
 
 
