@@ -152,6 +152,7 @@ class Transport:
         self._in = bytearray()
         self._out: list[bytes] = []
         self._opener: protection.PacketOpener = protection.null_opener()
+        self._open_packet = _packet_opening(self._opener)
         self._sealer: protection.PacketSealer = protection.null_sealer()
         self._seq_in = 0
         self._seq_out = 0
@@ -247,18 +248,15 @@ class Transport:
         events: list[object] = []
         if self.peer_version is None and not self._read_version():
             return events
-        opener = self._opener
-        open_packet = _packet_opening(opener)
+        opener, open_packet = self._opener, self._open_packet
         pos, end = 0, len(buf)
         with memoryview(buf) as view:
             while self._awaiting_host_key is None and not self._closed:
                 if self._packet_length is None:
                     if end - pos < opener.header_size:
                         break
-                    length = opener.packet_length(self._seq_in, view[pos : pos + opener.header_size])
-                    if length < 5 or length > limits.MAX_PACKET_LENGTH:
-                        raise ProtocolError(f"bad packet length {length}")
-                    self._packet_length = length
+                    # The opener refuses a length out of bounds (ciphers._check_length).
+                    self._packet_length = opener.packet_length(self._seq_in, view[pos : pos + opener.header_size])
                 total = 4 + self._packet_length + opener.mac_size
                 if end - pos < total:
                     break
@@ -269,8 +267,7 @@ class Transport:
                 self._bytes_since_kex += total
                 self._dispatch(payload, events)
                 if self._opener is not opener:  # NEWKEYS switched it
-                    opener = self._opener
-                    open_packet = _packet_opening(opener)
+                    opener, open_packet = self._opener, self._open_packet
         if buf is self._in:
             del self._in[:pos]
         elif pos < end:
@@ -530,6 +527,7 @@ class Transport:
         if self._pending_keys is None or self._newkeys_received:
             raise ProtocolError("unexpected NEWKEYS")
         self._opener = self._pending_keys[1]
+        self._open_packet = _packet_opening(self._opener)
         if self.strict_kex:
             self._seq_in = 0
         self._newkeys_received = True

@@ -102,7 +102,8 @@ class PacketOpener(Protocol):
     mac_size: int  # bytes after the 4 + packet_length bytes
 
     def packet_length(self, seq: int, header: Buffer) -> int:
-        """The packet_length field, from the first header_size wire bytes; once per packet, before open()."""
+        """The packet_length field, from the first header_size wire bytes; once per packet, before open().
+        Raises ProtocolError for a length out of bounds or not a multiple of the block size."""
         ...
 
     def open(self, seq: int, packet: Buffer) -> bytes:
