@@ -151,8 +151,9 @@ class Transport:
         self.peer_version: str | None = None
         self._in = bytearray()
         self._out: list[bytes] = []
-        self._opener: protection.PacketOpener = protection.null_opener()
-        self._open_packet = _packet_opening(self._opener)
+        self._opener: protection.PacketOpener
+        self._open_packet: Callable[[int, memoryview], bytes | memoryview]
+        self._use_opener(protection.null_opener())
         self._sealer: protection.PacketSealer = protection.null_sealer()
         self._seq_in = 0
         self._seq_out = 0
@@ -307,6 +308,11 @@ class Transport:
         return True
 
     # --- packets ---
+
+    def _use_opener(self, opener: protection.PacketOpener) -> None:
+        """Open the peer's packets with ``opener`` from now on; its open call is looked up here, not per read."""
+        self._opener = opener
+        self._open_packet = _packet_opening(opener)
 
     def _seal(self, parts: Sequence[bytes | memoryview]) -> None:
         packet = self._sealer.seal(self._seq_out, parts)
@@ -526,8 +532,7 @@ class Transport:
     def _on_newkeys(self, events: list[object]) -> None:
         if self._pending_keys is None or self._newkeys_received:
             raise ProtocolError("unexpected NEWKEYS")
-        self._opener = self._pending_keys[1]
-        self._open_packet = _packet_opening(self._opener)
+        self._use_opener(self._pending_keys[1])
         if self.strict_kex:
             self._seq_in = 0
         self._newkeys_received = True
