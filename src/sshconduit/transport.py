@@ -126,11 +126,6 @@ def _negotiate(what: str, client: Sequence[str], server: Sequence[str]) -> str:
     raise KexError(f"no matching {what} found. Their offer: {','.join(server)}")
 
 
-def _packet_opening(opener: protection.PacketOpener) -> Callable[[int, memoryview], bytes | memoryview]:
-    """The opener's call that gives a packet's payload: open_view when it has one (no copy out of the body)."""
-    return getattr(opener, "open_view", None) or opener.open
-
-
 class Transport:
     def __init__(
         self,
@@ -310,9 +305,10 @@ class Transport:
     # --- packets ---
 
     def _use_opener(self, opener: protection.PacketOpener) -> None:
-        """Open the peer's packets with ``opener`` from now on; its open call is looked up here, not per read."""
+        """Open the peer's packets with ``opener`` from now on; its open call is looked up here, not per read:
+        open_view where the opener has one (no copy out of the body)."""
         self._opener = opener
-        self._open_packet = _packet_opening(opener)
+        self._open_packet = getattr(opener, "open_view", None) or opener.open
 
     def _seal(self, parts: Sequence[bytes | memoryview]) -> None:
         packet = self._sealer.seal(self._seq_out, parts)
