@@ -38,6 +38,9 @@ from types import ModuleType
 
 import run
 
+sys.path.insert(0, str(run.ROOT / "src"))  # the halves choose their loop as conduit does, installed or not
+from sshconduit.evloop import loop_factory
+
 FRAME = struct.Struct("!cII")  # kind, connection id, payload length
 LENGTH = struct.Struct("!I")
 OPEN, CONFIRM, DATA, EOF, CLOSE = b"O", b"K", b"D", b"E", b"C"
@@ -247,7 +250,7 @@ class LoopHalf(FloorHalf):
     the descriptor non-blocking, so one that did would raise)."""
 
     def run(self) -> None:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(self._serve())
 
     async def _serve(self) -> None:
@@ -271,14 +274,6 @@ class LoopHalf(FloorHalf):
         self.loop.remove_reader(fd)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def start_floor(stack: contextlib.ExitStack, dport: int, variant: str) -> int:
     """Both halves as child processes; returns the port the client half forwards. ``variant`` holds "gcm",
     "ssh" (SSH's messages) and "loop" (asyncio's loop, uvloop when installed) as it likes."""
@@ -294,7 +289,7 @@ def start_floor(stack: contextlib.ExitStack, dport: int, variant: str) -> int:
 
 def floors() -> dict[str, str]:
     """Row name: variant, each a step nearer conduit."""
-    loop = "uvloop" if _loop_factory() else "asyncio's loop"
+    loop = "uvloop" if loop_factory() else "asyncio's loop"
     return {
         "python floor": "",
         "python floor + aes128-gcm": "gcm",
