@@ -47,7 +47,7 @@ class Role(Enum):
 class TransportConfig:
     kex_algorithms: Sequence[str] = kex.DEFAULT_KEX_ALGORITHMS
     host_key_algorithms: Sequence[str] = ()  # client: empty means "every algorithm we can verify"
-    ciphers: Sequence[str] = tuple(protection.CIPHERS)
+    ciphers: Sequence[str] = protection.CLIENT_CIPHERS  # a server's order does not matter (RFC 4253 7.1)
     macs: Sequence[str] = tuple(protection.MACS)
     rekey_bytes: int = limits.DEFAULT_REKEY_BYTES
     software_version: str = SOFTWARE_VERSION

@@ -22,6 +22,8 @@ from conftest import (
     start_daemon,
 )
 
+from sshconduit.crypto.ciphers import CLIENT_CIPHERS
+
 COMMAND = "echo ok-$((6*7)); exit 3"
 
 KEX_WITH_OPENSSH = [
@@ -125,3 +127,17 @@ def test_default_negotiation_prefers_mlkem_between_us(keyset, servers):
     result = run_client(conduit_argv(keyset, servers[("conduitd", "ed25519")].port, "-v", f"{USER}@127.0.0.1", COMMAND))
     assert_round_trip(result)
     assert "kex: algorithm: mlkem768x25519-sha256;" in result.stderr.decode()
+
+
+def test_default_cipher_to_sshd(keyset, servers):
+    """With no Ciphers given, conduit offers AES-GCM first where the CPU has AES instructions (CLIENT_CIPHERS);
+    a given one, even relative, means what it means to ssh: OpenSSH's default without aes128-gcm starts with
+    chacha20-poly1305 (CLIENT_CIPHERS without it would start with aes256-gcm on such a CPU)."""
+    port = servers[("sshd", "ed25519")].port
+    for options, expected in (
+        ((), CLIENT_CIPHERS[0]),
+        (("-o", "Ciphers=-aes128-gcm@openssh.com"), "chacha20-poly1305@openssh.com"),
+    ):
+        result = run_client(conduit_argv(keyset, port, "-v", *options, f"{USER}@127.0.0.1", COMMAND))
+        assert_round_trip(result)
+        assert f"cipher out: {expected} " in result.stderr.decode()

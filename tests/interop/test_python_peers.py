@@ -48,6 +48,8 @@ from peers import (  # next to this file: pytest puts this directory on sys.path
     paramiko_client_negotiated,
 )
 
+from sshconduit.crypto.ciphers import CLIENT_CIPHERS, aes_in_hardware
+
 EXEC = "echo ok-$((6*7)); exit 3"
 MIB = 1 << 20
 TIMEOUT = 10.0
@@ -56,10 +58,11 @@ CLIENT_LOG = PARAMIKO_LOG + ".client"
 # AsyncSSH's own classic-DH code warns through cryptography; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Diffie-Hellman over finite fields")
 
-# What each pairing settles on with nobody's defaults changed: the client's first choice the server also has.
+# What conduit settles on with each, nobody's defaults changed: its first choice the server also has. With AES in
+# hardware that is aes128-gcm, which both have; else chacha20-poly1305, which Paramiko lacks, and aes128-ctr next.
 DEFAULT_CIPHERS = {
-    "asyncssh": "chacha20-poly1305@openssh.com",  # first in both lists
-    "paramiko": "aes128-ctr",  # no ChaCha20 in Paramiko; aes128-ctr heads its list and follows ChaCha in ours
+    "asyncssh": CLIENT_CIPHERS[0],
+    "paramiko": CLIENT_CIPHERS[0] if aes_in_hardware() else "aes128-ctr",
 }
 
 
@@ -440,7 +443,8 @@ def test_algorithms_default_conduit_to_peer(peer_server, keyset, request):
     assert ours.kex == "mlkem768x25519-sha256"  # both libraries have it; it heads our list
     assert ours.host_key == "ssh-ed25519"
     assert ours.cipher_c2s == ours.cipher_s2c == DEFAULT_CIPHERS[peer]
-    expected_mac = None if peer == "asyncssh" else "hmac-sha2-256-etm@openssh.com"
+    # an AEAD cipher (chacha20-poly1305, aes-gcm) carries its own MAC; only aes128-ctr takes our first MAC
+    expected_mac = "hmac-sha2-256-etm@openssh.com" if DEFAULT_CIPHERS[peer] == "aes128-ctr" else None
     assert ours.mac_c2s == ours.mac_s2c == expected_mac
 
 

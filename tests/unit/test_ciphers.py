@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import random
 import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from asyncssh.encryption import get_encryption, get_encryption_params
@@ -18,6 +20,8 @@ from sshconduit.crypto.ciphers import (
     MACS,
     PacketOpener,
     PacketSealer,
+    aes_in_hardware,
+    client_preference,
     new_opener,
     new_sealer,
     null_opener,
@@ -93,6 +97,35 @@ def test_algorithm_order_is_openssh_default() -> None:
         "hmac-sha2-512",
         "hmac-sha1",
     ]
+
+
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 {aes}avx2\nbugs\t\t: sysret_ss_attrs\n\n"
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd {aes}pmull sha1\n\n"
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="every Mac counts as having AES instructions")
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (X86_CPUINFO.format(aes="aes "), True),
+        (X86_CPUINFO.format(aes="vaes "), False),  # a flag that only contains the word does not count
+        (ARM_CPUINFO.format(aes="aes "), True),
+        (ARM_CPUINFO.format(aes=""), False),
+        ("processor\t: 0\n", False),
+    ],
+)
+def test_aes_in_hardware_reads_the_first_cpu_flags(tmp_path: Path, text: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text + text.replace("aes", "none"))  # a second CPU entry is not read
+    assert aes_in_hardware(str(cpuinfo)) is expected
+    assert aes_in_hardware(str(tmp_path / "missing")) is False
+
+
+def test_client_preference_puts_aes_gcm_first_only_with_aes_in_hardware() -> None:
+    openssh = tuple(CIPHERS)
+    assert client_preference(openssh, True) == (*GCM, CHACHA, "aes128-ctr", "aes192-ctr", "aes256-ctr")
+    assert client_preference(openssh, False) == openssh
+    assert client_preference(("aes256-ctr", CHACHA), True) == ("aes256-ctr", CHACHA)
 
 
 @pytest.mark.parametrize("cipher", list(CIPHERS))

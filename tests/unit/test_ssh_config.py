@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from sshconduit.config import ssh_config
+from sshconduit.config.algorithms import ALGORITHM_KEYWORDS
 from sshconduit.config.forward_spec import ForwardSpec, format_forward
 from sshconduit.config.ssh_config import ClientConfig, expand_tokens, resolve_client_config
+from sshconduit.crypto.ciphers import CLIENT_CIPHERS
 from sshconduit.errors import ConfigError
 
 HOME = pwd.getpwuid(os.getuid()).pw_dir
@@ -135,6 +137,19 @@ def test_defaults_without_files() -> None:
     assert cfg.user_known_hosts_files == [f"{HOME}/.ssh/known_hosts", f"{HOME}/.ssh/known_hosts2"]
     assert cfg.strict_host_key_checking == "ask"
     assert cfg.warnings == []
+
+
+def test_cipher_preference_is_ours_only_when_no_ciphers_are_given(tmp_path: Path) -> None:
+    openssh = ALGORITHM_KEYWORDS["ciphers"][0]
+    cfg = resolve_client_config("example.org", config_file="none")
+    assert cfg.ciphers == openssh and cfg.cipher_preference == CLIENT_CIPHERS
+    # OpenSSH's default spelled out, a relative spec and -c each mean what they mean to ssh
+    given = [("Ciphers=" + ",".join(openssh), openssh), ("Ciphers=+aes128-cbc", (*openssh, "aes128-cbc"))]
+    for option, expected in [*given, ("Ciphers=aes256-ctr", ("aes256-ctr",))]:
+        cfg = resolve_client_config("example.org", config_file="none", options=[option])
+        assert cfg.cipher_preference == expected
+    cfg = resolve_client_config("example.org", config_file=write(tmp_path, "Ciphers -chacha*\n"))
+    assert cfg.cipher_preference == tuple(c for c in openssh if not c.startswith("chacha"))
 
 
 def test_debian_system_config(tmp_path: Path) -> None:

@@ -473,9 +473,12 @@ def test_peer_disconnect_is_an_event(host_keys: dict[str, keys.PrivateKey]) -> N
 
 # --- strict kex ---------------------------------------------------------------------------------------------
 
+# chacha20-poly1305, whose nonce is the sequence number, so that a shifted count shows in the control below (an
+# AES-GCM nonce counts its own packets instead, and a client with AES in hardware offers AES-GCM first).
+_SEQ_NONCE = ("chacha20-poly1305@openssh.com",)
 STRICT_OFF_CASES = [
-    pytest.param(None, TransportConfig(strict_kex=False), id="server-not-strict"),
-    pytest.param(TransportConfig(strict_kex=False), None, id="client-not-strict"),
+    pytest.param(None, TransportConfig(strict_kex=False, ciphers=_SEQ_NONCE), id="server-not-strict"),
+    pytest.param(TransportConfig(strict_kex=False, ciphers=_SEQ_NONCE), None, id="client-not-strict"),
 ]
 
 

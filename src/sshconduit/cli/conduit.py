@@ -144,7 +144,7 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
     transport = TransportConfig(
         kex_algorithms=cfg.kex_algorithms,
         host_key_algorithms=cfg.host_key_algorithms,
-        ciphers=cfg.ciphers,
+        ciphers=cfg.cipher_preference,
         macs=cfg.macs,
     )
     if cfg.rekey_limit[0]:

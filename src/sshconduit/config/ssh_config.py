@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 
+from ..crypto.ciphers import CLIENT_CIPHERS
 from ..errors import ConfigError
 from .algorithms import ALGORITHM_KEYWORDS, apply_algorithm_spec
 from .forward_spec import ForwardSpec, parse_forward
@@ -109,6 +110,14 @@ class ClientConfig:
     stream_local_bind_mask: int = 0o177
     stream_local_bind_unlink: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cipher_preference(self) -> tuple[str, ...]:
+        """The ciphers to offer: ``Ciphers`` as given (-c, -o, a file), else crypto.ciphers.CLIENT_CIPHERS, OpenSSH's
+        default with AES-GCM first where the CPU has AES instructions. ``ciphers`` itself keeps OpenSSH's default,
+        so what a file's ``+``, ``-`` or ``^`` makes of it is what ssh makes of it. Every given value is a new
+        tuple (apply_algorithm_spec), so the default object itself means "none given"."""
+        return CLIENT_CIPHERS if self.ciphers is ALGORITHM_KEYWORDS["ciphers"][0] else self.ciphers
 
 
 def resolve_client_config(

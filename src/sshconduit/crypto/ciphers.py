@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from hmac import compare_digest
@@ -69,6 +70,36 @@ CIPHERS: dict[str, CipherInfo] = {
     )
 }
 NONE_CIPHER = CipherInfo("none", 0, 0, 8, False)  # never negotiable: only the state before the first NEWKEYS
+
+
+def aes_in_hardware(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has AES instructions: the ``aes`` flag in Linux's /proc/cpuinfo (x86 "flags", Arm
+    "Features"). Every Mac that current macOS runs on has them. Anywhere else, or unreadable: no."""
+    if sys.platform == "darwin":
+        return True
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as info:
+            for line in info:  # the first CPU's flags say it: no need to read the other CPUs' entries
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+def client_preference(names: Sequence[str], hardware_aes: bool) -> tuple[str, ...]:
+    """A client's cipher order: OpenSSH's (``names``), but AES-GCM first where the CPU has AES instructions, as
+    Red Hat's crypto policies order OpenSSH's. There a small chacha20-poly1305 packet costs about six times an
+    AES-GCM one (two ChaCha20 contexts and a Poly1305 each, against one AES-GCM call), and a forwarded stream
+    moves 1.5 to 1.6 times the bytes. The client's order is the one negotiation follows (RFC 4253 7.1)."""
+    if not hardware_aes:
+        return tuple(names)
+    gcm = [name for name in names if name.endswith("-gcm@openssh.com")]
+    return (*gcm, *(name for name in names if name not in gcm))
+
+
+CLIENT_CIPHERS = client_preference(tuple(CIPHERS), aes_in_hardware())  # what a client offers by default
 
 MACS: dict[str, MacInfo] = {
     info.name: info
