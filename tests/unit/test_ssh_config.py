@@ -143,7 +143,7 @@ def test_cipher_preference_is_ours_only_when_no_ciphers_are_given(tmp_path: Path
     openssh = ALGORITHM_KEYWORDS["ciphers"][0]
     cfg = resolve_client_config("example.org", config_file="none")
     assert cfg.ciphers == openssh and cfg.cipher_preference == CLIENT_CIPHERS
-    # OpenSSH's default spelled out, a relative spec and -c each mean what they mean to ssh
+    # OpenSSH's default spelled out, a relative spec and a list of one each mean what they mean to ssh
     given = [("Ciphers=" + ",".join(openssh), openssh), ("Ciphers=+aes128-cbc", (*openssh, "aes128-cbc"))]
     for option, expected in [*given, ("Ciphers=aes256-ctr", ("aes256-ctr",))]:
         cfg = resolve_client_config("example.org", config_file="none", options=[option])
