@@ -173,7 +173,9 @@ class Transport:
         self._newkeys_received = False
         self._skip_guessed_packet = False
         self._held: list[tuple[bytes | memoryview, ...]] = []
-        self._bytes_since_kex = 0
+        # Per direction, as OpenSSH's RekeyLimit ("transmitted or received"): traffic both ways does not add up.
+        self._sent_since_kex = 0
+        self._received_since_kex = 0
         self._closed = False
 
     # --- public API ---
@@ -203,7 +205,7 @@ class Transport:
             self._held.append(tuple(bytes(p) for p in parts))  # the caller may reuse its buffers
             return
         self._seal(parts)
-        if self._bytes_since_kex > self.config.rekey_bytes:
+        if self._sent_since_kex > self.config.rekey_bytes:
             self.rekey()
 
     def rekey(self) -> None:
@@ -260,7 +262,7 @@ class Transport:
                 pos += total
                 self._packet_length = None
                 self._seq_in = (self._seq_in + 1) & 0xFFFFFFFF
-                self._bytes_since_kex += total
+                self._received_since_kex += total
                 self._dispatch(payload, events)
                 if self._opener is not opener:  # NEWKEYS switched it
                     opener, open_packet = self._opener, self._open_packet
@@ -268,7 +270,7 @@ class Transport:
             del self._in[:pos]
         elif pos < end:
             self._in += buf[pos:]  # only the partial packet is kept
-        if self._bytes_since_kex > self.config.rekey_bytes:
+        if self._received_since_kex > self.config.rekey_bytes:
             self.rekey()
         return events
 
@@ -313,7 +315,7 @@ class Transport:
     def _seal(self, parts: Sequence[bytes | memoryview]) -> None:
         packet = self._sealer.seal(self._seq_out, parts)
         self._seq_out = (self._seq_out + 1) & 0xFFFFFFFF
-        self._bytes_since_kex += len(packet)
+        self._sent_since_kex += len(packet)
         self._out.append(packet)
 
     def _send_transport(self, msg: Message) -> None:
@@ -541,7 +543,7 @@ class Transport:
         self._kex_count += 1
         self._our_kexinit = self._peer_kexinit = None
         self._pending_keys = None
-        self._bytes_since_kex = 0
+        self._sent_since_kex = self._received_since_kex = 0
         assert self.algorithms is not None
         events.append(KexComplete(initial, self.algorithms))
         held, self._held = self._held, []

@@ -340,6 +340,20 @@ def test_automatic_rekey_after_rekey_bytes(
         assert rekeys == 0
 
 
+@pytest.mark.parametrize(("each_way", "expect_rekeys"), [(48, False), (80, True)])
+def test_rekey_limit_counts_each_direction_alone(
+    host_keys: dict[str, keys.PrivateKey], each_way: int, expect_rekeys: bool
+) -> None:
+    """As OpenSSH's RekeyLimit: 48 KiB each way under a 64 KiB limit is no rekey, though 96 KiB passed in all."""
+    pair = Pair(host_keys["ssh-ed25519"], TransportConfig(rekey_bytes=64 * 1024)).handshake()
+    for i in range(each_way):
+        pair.client.send(data_msg(i, 1024))
+        pair.server.send(data_msg(i, 1024))
+        pair.pump()
+    assert indices(pair.server_events) == indices(pair.client_events) == list(range(each_way))
+    assert (pair.kex_completions("client", False) > 0) is expect_rekeys
+
+
 def test_rekey_before_first_kex_is_a_no_op(host_keys: dict[str, keys.PrivateKey]) -> None:
     client = Transport(Role.CLIENT)
     client.start()
