@@ -110,6 +110,7 @@ class SSHConnection(asyncio.Protocol):
         self._login_grace_time = login_grace_time
         self._max_channels = max_channels
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._rekey_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None
         self._tcp_socket: socket.socket | None = None  # TCP on Linux: bulk reads are ACKed at once, RTT read
         self._path_rtt_due = 0.0  # when to ask TCP for its round trip again
@@ -193,6 +194,8 @@ class SSHConnection(asyncio.Protocol):
             self._tcp_socket = None
         if self._grace_timer:
             self._grace_timer.cancel()
+        if self._rekey_timer:
+            self._rekey_timer.cancel()
         if self.close_reason is None:
             self.close_reason = Disconnected(DisconnectReason.CONNECTION_LOST, "Connection closed by remote host")
             if self.role is Role.SERVER:  # as sshd: a peer that just hangs up still leaves a trace
@@ -345,6 +348,10 @@ class SSHConnection(asyncio.Protocol):
         self._handle_events(self.core.accept_host_key())
 
     def _kex_complete(self, event: KexComplete) -> None:
+        if self.core.config.rekey_seconds > 0:  # as OpenSSH, the time limit counts from each exchange's end
+            if self._rekey_timer:
+                self._rekey_timer.cancel()
+            self._rekey_timer = self.loop.call_later(self.core.config.rekey_seconds, self._rekey_due)
         if not event.initial:
             return
         if self.role is Role.SERVER:
@@ -358,6 +365,11 @@ class SSHConnection(asyncio.Protocol):
             )
         if not self.kex_done.done():
             self.kex_done.set_result(None)
+
+    def _rekey_due(self) -> None:
+        self._rekey_timer = None
+        self.core.rekey()
+        self._flush()
 
     def _handle_message(self, msg: messages.Message) -> None:
         if self.role is Role.CLIENT:

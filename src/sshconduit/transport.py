@@ -50,6 +50,7 @@ class TransportConfig:
     ciphers: Sequence[str] = protection.CLIENT_CIPHERS  # a server's order does not matter (RFC 4253 7.1)
     macs: Sequence[str] = tuple(protection.MACS)
     rekey_bytes: int = limits.DEFAULT_REKEY_BYTES
+    rekey_seconds: float = 0.0  # RekeyLimit's time: rekey this long after each exchange, 0 never (aio times it)
     software_version: str = SOFTWARE_VERSION
     strict_kex: bool = True
 

@@ -1,4 +1,5 @@
-"""A 200 MiB exec stream with rekeys forced in the middle, started by either side, arrives unchanged."""
+"""A 200 MiB exec stream with rekeys forced in the middle, started by either side, arrives unchanged; RekeyLimit's
+time rekeys a connection that sends nothing."""
 
 from __future__ import annotations
 
@@ -69,3 +70,12 @@ def test_ssh_initiates_rekeys_against_conduitd(big_file, keyset, conduitd_server
         digest, log = stream_digest(argv)
     assert digest == expected
     assert log.count("SSH2_MSG_KEXINIT sent") >= 10
+
+
+def test_conduit_rekeys_after_rekey_limit_time(keyset, openssh_server):
+    """RekeyLimit's second value: a new exchange that long after the last, on a connection that sends nothing."""
+    with openssh_server() as daemon:
+        argv = conduit_argv(keyset, daemon.port, "-v", "-o", "RekeyLimit=default 1", f"{USER}@127.0.0.1", "sleep 3.5")
+        _, log = stream_digest(argv)
+    # at about 1, 2 and 3 s; none without the time limit (nothing is sent, so no volume rekey either)
+    assert log.count("debug1: rekeying") >= 2

@@ -149,6 +149,8 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
     )
     if cfg.rekey_limit[0]:
         transport.rekey_bytes = cfg.rekey_limit[0]
+    if cfg.rekey_limit[1]:
+        transport.rekey_seconds = cfg.rekey_limit[1]
     methods = list(cfg.preferred_authentications)
     if not cfg.pubkey_authentication:
         methods = [m for m in methods if m != "publickey"]
