@@ -174,7 +174,7 @@ class Transport:
         self._newkeys_received = False
         self._skip_guessed_packet = False
         self._held: list[tuple[bytes | memoryview, ...]] = []
-        # Per direction, as OpenSSH's RekeyLimit ("transmitted or received"): traffic both ways does not add up.
+        # Per direction, as OpenSSH counts RekeyLimit: traffic both ways does not add up to a rekey.
         self._sent_since_kex = 0
         self._received_since_kex = 0
         self._closed = False
