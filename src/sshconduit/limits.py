@@ -42,6 +42,9 @@ MAX_CONNECTION_WINDOW_GROWTH = 128 * 1024 * 1024
 # A forwarded socket is read before its channel is confirmed (no pause/resume per connection); past this much
 # buffered, reading pauses until the channel opens.
 MAX_EARLY_SOCKET_BYTES = 256 * 1024
+# conduitd as root serving another user: sockets the user's helper makes ahead of that connection's forwards
+# (privsep.py), per address family; also the most one helper reply carries
+MAX_SPARE_SOCKETS = 16
 # A forward's first bytes sent inside its CHANNEL_OPEN (messages.OPEN_DATA_EXTENSION); a server refuses more.
 MAX_OPEN_DATA = 32 * 1024
 

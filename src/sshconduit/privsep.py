@@ -5,7 +5,10 @@ for the user's forwards are made by a helper process running as the user (one pe
 first forward): it creates and connects (or binds) the socket and passes the descriptor back over a
 SOCK_SEQPACKET socketpair with SCM_RIGHTS, so the kernel checks the user's rights (unix socket modes, ports
 below 1024) and the socket is owned by the user's uid. The event loop never blocks: the helper does the
-blocking connect in a thread of its own, and the server awaits the reply on a non-blocking socket.
+blocking connect in a thread of its own, and the server awaits the reply on a non-blocking socket. A TCP connect
+to an address needs no check of the caller's ids, only a socket the user made (the kernel keeps its creator's
+ids, which owner-match firewall rules go by): for those the helper makes sockets ahead, in batches, and the
+server connects them itself, with no round trip to the helper per forwarded connection.
 With a ChrootDirectory both enter the jail as root just before the ids drop (chroot.py).
 """
 
@@ -31,7 +34,7 @@ from typing import Any, NoReturn
 
 from . import chroot, limits
 from .forkserver import recv_ready
-from .forward.socket_stream import finish_connect, listening_socket, unix_listening_socket
+from .forward.socket_stream import begin_connect, finish_connect, listening_socket, unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
 
@@ -105,6 +108,11 @@ class ForwardHelper:
         self._next_id = 0
         self._closed = False
         self._writable: asyncio.Future[None] | None = None  # requests wait on this while the socket is full
+        # per address family: sockets the helper made as the user, not yet connected; the batch being fetched;
+        # how many were taken (the next batch's size: a connection that forwards once holds no more)
+        self._spares: dict[int, list[socket.socket]] = {}
+        self._refills: dict[int, asyncio.Task[None]] = {}
+        self._taken: dict[int, int] = {}
 
     def start(self) -> None:
         """Start the helper now, not at the first request (ChrootDirectory: an unsafe jail ends the login)."""
@@ -165,14 +173,14 @@ class ForwardHelper:
 
     def _on_readable(self) -> None:
         assert self._sock is not None
-        received = recv_ready(self._sock, MAX_MESSAGE, 1)
+        received = recv_ready(self._sock, MAX_MESSAGE, limits.MAX_SPARE_SOCKETS)
         if received is None:
             return
         data, fds = received
         if not data:
             self.close()
             return
-        sock = socket.socket(fileno=fds[0]) if fds else None
+        socks = [socket.socket(fileno=fd) for fd in fds]
         try:
             reply = json.loads(data)
             if "exited" in reply:
@@ -184,12 +192,15 @@ class ForwardHelper:
         except (ValueError, KeyError, TypeError):
             fut = None
         if fut is None or fut.done():
-            if sock is not None:
+            for sock in socks:
                 sock.close()
             return
-        if sock is not None:
+        for sock in socks:
             sock.setblocking(False)
-            fut.set_result(sock)
+        if reply.get("batch"):
+            fut.set_result(socks)
+        elif socks:
+            fut.set_result(socks[0])
         elif reply.get("pid"):
             process = HelperProcess(self, int(reply["pid"]))
             self._processes[process.pid] = process
@@ -200,13 +211,48 @@ class ForwardHelper:
             fut.set_exception(socket.gaierror(code, name_error) if name_error else OSError(code, os.strerror(code)))
 
     async def connect_tcp(self, host: str, port: int) -> socket.socket:
-        sock: socket.socket = await self._request({"op": "connect_tcp", "host": host, "port": port})
+        family = _numeric_family(host)
+        if family is None:  # a name: the helper resolves it as the user and connects, in a thread of its own
+            named: socket.socket = await self._request({"op": "connect_tcp", "host": host, "port": port})
+            return named
+        sock = await self._spare_socket(family)
         try:
-            await finish_connect(sock)  # to an address, the helper only started the connect
+            if not begin_connect(sock, (host, port)):
+                await finish_connect(sock)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    async def _spare_socket(self, family: int) -> socket.socket:
+        """One of the sockets the helper made ahead; the next batch is fetched as the last one is taken."""
+        spares = self._spares.setdefault(family, [])
+        while not spares:
+            await asyncio.shield(self._refill(family))  # a cancelled open leaves the batch to the others
+        self._taken[family] = self._taken.get(family, 0) + 1
+        sock = spares.pop()
+        if not spares:
+            self._refill(family).add_done_callback(_retrieve)  # in the background; its error, if any, is
+            # the next open's to report
+        return sock
+
+    def _refill(self, family: int) -> asyncio.Task[None]:
+        task = self._refills.get(family)
+        if task is None:
+            count = min(limits.MAX_SPARE_SOCKETS, max(1, self._taken.get(family, 0)))
+            task = self._refills[family] = asyncio.ensure_future(self._fetch_spares(family, count))
+        return task
+
+    async def _fetch_spares(self, family: int, count: int) -> None:
+        try:
+            socks: list[socket.socket] = await self._request({"op": "sockets", "family": family, "count": count})
+        finally:
+            self._refills.pop(family, None)
+        if self._closed:
+            for sock in socks:
+                sock.close()
+        else:
+            self._spares.setdefault(family, []).extend(socks)
 
     async def connect_unix(self, path: str) -> socket.socket:
         return await self._request({"op": "connect_unix", "path": path})
@@ -257,9 +303,18 @@ class ForwardHelper:
         for process in self._processes.values():
             process.exited(-signal.SIGHUP)  # the helper's exit hangs up the sessions it started
         self._processes.clear()
+        for spares in self._spares.values():
+            for sock in spares:
+                sock.close()
+        self._spares.clear()
         if self._pid:
             reap_later(self._pid)
             self._pid = 0
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # asyncio would warn of an exception nobody awaited
 
 
 class HelperProcess:
@@ -334,9 +389,7 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
     try:
         op = request.get("op")
         if op == "connect_tcp":
-            host, port = str(request["host"]), int(request["port"])
-            family = _numeric_family(host)
-            made = socket.create_connection((host, port)) if family is None else _start_connect(family, host, port)
+            made = socket.create_connection((str(request["host"]), int(request["port"])))
         elif op == "connect_unix":
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -362,18 +415,8 @@ def _serve_one(channel: socket.socket, send_lock: threading.Lock, request: dict[
         code = errno.EINVAL
     except Exception:  # a reply must go back whatever happened, or the channel open would wait forever
         code = errno.EIO
-    reply = json.dumps({"id": request.get("id"), "errno": code, "name_error": name_error}).encode()
-    try:
-        with send_lock:
-            if made is not None:
-                socket.send_fds(channel, [reply], [made.fileno()])
-            else:
-                channel.send(reply)
-    except OSError:
-        pass  # the server went away: nothing to tell
-    finally:
-        if made is not None:
-            made.close()
+    reply = {"id": request.get("id"), "errno": code, "name_error": name_error}
+    _reply(channel, send_lock, reply, *([] if made is None else [made]))
 
 
 def _numeric_family(host: str) -> int | None:
@@ -384,16 +427,24 @@ def _numeric_family(host: str) -> int | None:
     return None
 
 
-def _start_connect(family: int, host: str, port: int) -> socket.socket:
-    """A connect to an address (no name to resolve) started without blocking: the server waits for it to finish,
-    so the helper needs no thread per forwarded connection."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    code = sock.connect_ex((host, port))
-    if code not in (0, errno.EINPROGRESS):
-        sock.close()
-        raise OSError(code, os.strerror(code))
-    return sock
+def _make_sockets(channel: socket.socket, send_lock: threading.Lock, request: dict[str, Any]) -> None:
+    """Sockets for the server to connect, made as the user; one reply carries them all."""
+    made: list[socket.socket] = []
+    code = 0
+    try:
+        family, count = int(request["family"]), int(request["count"])
+        if family not in (socket.AF_INET, socket.AF_INET6) or not 1 <= count <= limits.MAX_SPARE_SOCKETS:
+            raise ValueError(family, count)
+        for _ in range(count):
+            made.append(socket.socket(family, socket.SOCK_STREAM))
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+    except (KeyError, ValueError, TypeError):
+        code = errno.EINVAL
+    if code:
+        for sock in made:
+            sock.close()
+    _reply(channel, send_lock, {"id": request.get("id"), "errno": code, "batch": not code}, *([] if code else made))
 
 
 def _helper_child(channel: socket.socket, creds: Credentials) -> NoReturn:
@@ -462,9 +513,20 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _reply(channel: socket.socket, send_lock: threading.Lock, reply: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError), send_lock:
-        channel.send(json.dumps(reply).encode())
+def _reply(channel: socket.socket, send_lock: threading.Lock, reply: dict[str, Any], *made: socket.socket) -> None:
+    """One reply, with the descriptors of the sockets made for it (ours are closed: the server has its own)."""
+    data = json.dumps(reply).encode()
+    try:
+        with send_lock:
+            if made:
+                socket.send_fds(channel, [data], [sock.fileno() for sock in made])
+            else:
+                channel.send(data)
+    except OSError:
+        pass  # the server went away: nothing to tell
+    finally:
+        for sock in made:
+            sock.close()
 
 
 def _serve(channel: socket.socket, creds: Credentials) -> None:
@@ -500,8 +562,8 @@ def _serve(channel: socket.socket, creds: Credentials) -> None:
                 pid, signum = int(request["pid"]), int(request["signum"])
                 if pid in children:  # only processes it started itself
                     (os.killpg if request.get("group") else os.kill)(pid, signum)
-        elif op == "connect_tcp" and _numeric_family(str(request.get("host"))) is not None:
-            _serve_one(channel, send_lock, request)  # does not block: see _start_connect
+        elif op == "sockets":
+            _make_sockets(channel, send_lock, request)  # does not block
         else:
             threading.Thread(target=_serve_one, args=(channel, send_lock, request), daemon=True).start()
     for pid in list(children):

@@ -3,6 +3,7 @@ the user's forwards are made by a helper running as the user, so the kernel appl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -28,6 +29,8 @@ from conftest import (
     start_daemon,
     tunnel,
 )
+
+from sshconduit import privsep
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root")
 
@@ -126,12 +129,52 @@ def test_local_forward_connects_as_the_user(keyset, daemon, test_user):
         for user, uid in ((TEST_USER, test_user.pw_uid), ("root", 0)):
             lport = free_port()
             argv = ssh_argv(keyset, daemon.port, "-N", "-L", f"{lport}:127.0.0.1:{recorder.port}", f"{user}@127.0.0.1")
-            with tunnel(argv, lport), socket.create_connection(("127.0.0.1", lport), timeout=WAIT) as s:
-                s.sendall(b"ping")
-                assert s.recv(4) == b"ping"
-                assert tcp_socket_uid(recorder.peer_ports[-1]) == uid
+            with tunnel(argv, lport):
+                # the first socket comes alone, the later ones from the batches the helper makes ahead
+                for i in range(6):
+                    with socket.create_connection(("127.0.0.1", lport), timeout=WAIT) as s:
+                        s.sendall(b"ping")
+                        assert s.recv(4) == b"ping"
+                        assert tcp_socket_uid(recorder.peer_ports[-1]) == uid, f"connection {i}"
     finally:
         recorder.sock.close()
+
+
+def test_helper_makes_forward_sockets_ahead_in_batches(test_user):
+    """As root serving a user: each forward's socket is the user's, and the helper is asked for them in batches
+    that grow with use, not once per forwarded connection."""
+    creds = privsep.credentials_for(TEST_USER)
+    assert creds is not None and creds.uid == test_user.pw_uid
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()
+
+    async def main() -> list[str]:
+        helper = privsep.ForwardHelper(creds)
+        asked: list[str] = []
+        request = helper._request
+
+        def counting(message, fds=()):
+            asked.append(message["op"])
+            return request(message, fds)
+
+        helper._request = counting  # type: ignore[method-assign]
+        try:
+            for i in range(20):
+                sock = await asyncio.wait_for(helper.connect_tcp(*address), WAIT)
+                with sock, listener.accept()[0]:
+                    assert os.fstat(sock.fileno()).st_uid == test_user.pw_uid, f"connection {i}"
+                    assert sock.getpeername() == address
+                await asyncio.sleep(0.01)  # the next batch lands as a forward's later connections would find it
+        finally:
+            helper.close()
+        return asked
+
+    try:
+        asked = asyncio.run(main())
+    finally:
+        listener.close()
+    # batches of 1, 1, 2, 4, 8 and 16 sockets: six requests serve twenty connections
+    assert asked == ["sockets"] * 6, asked
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])  # an address, connected without a helper thread

@@ -392,16 +392,24 @@ async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.so
     try:
         if not _SOCK_NONBLOCK:
             sock.setblocking(False)
-        code = sock.connect_ex(address)
-        if code in (errno.EINPROGRESS, errno.EAGAIN):
-            if not _connected(sock):  # a loopback connect is done inside connect(): no coroutine to wait in
-                await finish_connect(sock)
-        elif code:
-            raise OSError(code, os.strerror(code))
+        if not begin_connect(sock, address):
+            await finish_connect(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def begin_connect(sock: socket.socket, address: Any) -> bool:
+    """Start connecting non-blocking ``sock``: True when it is connected already (a loopback connect is done
+    inside connect(), so there is no coroutine to wait in), False when finish_connect has to wait. A failure
+    raises OSError with the plain reason."""
+    code = sock.connect_ex(address)
+    if code in (errno.EINPROGRESS, errno.EAGAIN):
+        return _connected(sock)
+    if code:
+        raise OSError(code, os.strerror(code))
+    return True
 
 
 def _connected(sock: socket.socket) -> bool:
