@@ -232,8 +232,7 @@ class ForwardHelper:
         self._taken[family] = self._taken.get(family, 0) + 1
         sock = spares.pop()
         if not spares:
-            self._refill(family).add_done_callback(_retrieve)  # in the background; its error, if any, is
-            # the next open's to report
+            self._refill(family)  # in the background: a failure is the next open's to report
         return sock
 
     def _refill(self, family: int) -> asyncio.Task[None]:
@@ -241,6 +240,7 @@ class ForwardHelper:
         if task is None:
             count = min(limits.MAX_SPARE_SOCKETS, max(1, self._taken.get(family, 0)))
             task = self._refills[family] = asyncio.ensure_future(self._fetch_spares(family, count))
+            task.add_done_callback(_retrieve)  # its waiters may all be gone (their opens cancelled)
         return task
 
     async def _fetch_spares(self, family: int, count: int) -> None:
