@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 from . import chroot, limits
 from .forkserver import recv_ready
-from .forward.socket_stream import begin_connect, finish_connect, listening_socket, unix_listening_socket
+from .forward.socket_stream import connect_socket, listening_socket, unix_listening_socket
 
 log = logging.getLogger("sshconduit.privsep")
 
@@ -215,14 +215,7 @@ class ForwardHelper:
         if family is None:  # a name: the helper resolves it as the user and connects, in a thread of its own
             named: socket.socket = await self._request({"op": "connect_tcp", "host": host, "port": port})
             return named
-        sock = await self._spare_socket(family)
-        try:
-            if not begin_connect(sock, (host, port)):
-                await finish_connect(sock)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return await connect_socket(family, (host, port), sock=await self._spare_socket(family))
 
     async def _spare_socket(self, family: int) -> socket.socket:
         """One of the sockets the helper made ahead; the next batch is fetched as the last one is taken."""

@@ -385,31 +385,24 @@ def _ipv4_literal(host: str, port: int) -> list[tuple[int, int, int, str, tuple[
     return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
 
-async def connect_socket(family: int, address: Any, proto: int = 0) -> socket.socket:
-    """A new stream socket connected to address without blocking the loop; on failure it is closed and the
-    OSError carries the plain reason."""
-    sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK, proto)
+async def connect_socket(family: int, address: Any, proto: int = 0, sock: socket.socket | None = None) -> socket.socket:
+    """A new stream socket, or ``sock`` (one the privsep helper made as the user, not yet connected), connected
+    to address without blocking the loop; on failure it is closed and the OSError carries the plain reason."""
+    if sock is None:
+        sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK, proto)
     try:
         if not _SOCK_NONBLOCK:
             sock.setblocking(False)
-        if not begin_connect(sock, address):
-            await finish_connect(sock)
+        code = sock.connect_ex(address)
+        if code in (errno.EINPROGRESS, errno.EAGAIN):
+            if not _connected(sock):  # a loopback connect is done inside connect(): no coroutine to wait in
+                await finish_connect(sock)
+        elif code:
+            raise OSError(code, os.strerror(code))
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def begin_connect(sock: socket.socket, address: Any) -> bool:
-    """Start connecting non-blocking ``sock``: True when it is connected already (a loopback connect is done
-    inside connect(), so there is no coroutine to wait in), False when finish_connect has to wait. A failure
-    raises OSError with the plain reason."""
-    code = sock.connect_ex(address)
-    if code in (errno.EINPROGRESS, errno.EAGAIN):
-        return _connected(sock)
-    if code:
-        raise OSError(code, os.strerror(code))
-    return True
 
 
 def _connected(sock: socket.socket) -> bool:
