@@ -348,10 +348,11 @@ class SSHConnection(asyncio.Protocol):
         self._handle_events(self.core.accept_host_key())
 
     def _kex_complete(self, event: KexComplete) -> None:
-        if self.core.config.rekey_seconds > 0:  # as OpenSSH, the time limit counts from each exchange's end
+        seconds = self.core.config.rekey_seconds
+        if seconds > 0:  # as OpenSSH, the time limit counts from each exchange's end
             if self._rekey_timer:
                 self._rekey_timer.cancel()
-            self._rekey_timer = self.loop.call_later(self.core.config.rekey_seconds, self._rekey_due)
+            self._rekey_timer = self.loop.call_later(seconds, self._rekey_due)
         if not event.initial:
             return
         if self.role is Role.SERVER:
