@@ -52,7 +52,11 @@ class _SocketSide(asyncio.Protocol):
         return self.bridge.socket_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.bridge.socket_lost()
+        bridge = self.bridge
+        # The socket's last callback. Without this link the bridge and this side are not a reference cycle:
+        # a closed forward's objects are freed at once, not by a garbage collection pass.
+        del self.bridge
+        bridge.socket_lost()
 
     def pause_writing(self) -> None:
         self.bridge.writing_paused = True
