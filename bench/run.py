@@ -13,6 +13,7 @@ bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and conduit/
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import getpass
 import json
@@ -173,7 +174,8 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
         f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
         f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         f"{congestion_control()}. "
-        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench.",
+        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench; "
+        "src byte-compiled first, as an installed package is.",
         "",
         "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
         "|---|" + "---|" * (len(COLUMNS) + 2),
@@ -227,6 +229,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.bytes = 1, 64 << 20
+    # conduit and conduitd run from src: byte-compile it first, as pip does for an installed package (and
+    # as Python's first import does, unless PYTHONDONTWRITEBYTECODE is set); else every start compiles it again.
+    compileall.compile_dir(str(ROOT / "src"), quiet=1)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.ExitStack() as stack:
         keys = Path(tmp)
         ports = start_servers(keys, stack, args.privsep)
