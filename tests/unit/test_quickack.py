@@ -1,8 +1,10 @@
 """What the adapter asks of the SSH connection's TCP socket.
 
 A bulk read is ACKed at once (TCP_QUICKACK), from our process: on the same host a delayed ACK is sent while the
-kernel handles the peer's next send, on the peer's CPU time (conduit→sshd download: +20%). And TCP's minimum round
-trip goes to the connection layer for window auto-tuning (``path_rtt``)."""
+kernel handles the peer's next send, on the peer's CPU time (conduit→sshd download: +20%). So is every read before
+the channels start: a peer without TCP_NODELAY (ssh -N, sshd) waits for the ACK of its last small packet before
+it sends the next (Nagle), and a delayed ACK held ssh's SERVICE_REQUEST 40 ms. And TCP's minimum round trip goes
+to the connection layer for window auto-tuning (``path_rtt``)."""
 
 from __future__ import annotations
 
@@ -53,19 +55,22 @@ def connected_pair(family: socket.AddressFamily) -> tuple[socket.socket, socket.
     return ours, theirs
 
 
-def quickack_after(family: socket.AddressFamily, data: bytes) -> int | None:
-    """A client on a real ``family`` socket, its ACKs made lazy first (TCP_QUICKACK 0), reads a version line,
-    then ``data`` (the ACK rule runs before parsing). The socket's TCP_QUICKACK afterwards (None off TCP)."""
+def quickack_after(family: socket.AddressFamily, data: bytes, channels_started: bool = True) -> int | None:
+    """A client on a real ``family`` socket reads a version line, then its ACKs are made lazy (TCP_QUICKACK 0)
+    and it reads ``data`` (the ACK rule runs before parsing), after auth unless ``channels_started`` is false.
+    The socket's TCP_QUICKACK afterwards (None off TCP)."""
 
     async def run() -> int | None:
         ours, theirs = connected_pair(family)
         with ours, theirs:
             tcp = family != socket.AF_UNIX
-            if tcp:
-                ours.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
             conn = SSHConnection(Role.CLIENT)
             conn.connection_made(FakeTransport(ours))  # type: ignore[arg-type]
             conn.data_received(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+            if channels_started:
+                conn.channels = connection.ConnectionLayer(lambda *parts: None)
+            if tcp:
+                ours.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
             conn.data_received(data)
             quickack = ours.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) if tcp else None
             conn.connection_lost(None)  # closes its duplicate descriptor
@@ -79,8 +84,13 @@ def test_a_bulk_read_on_tcp_is_acked_at_once() -> None:
     assert quickack_after(socket.AF_INET6, bytes(aio.BULK_READ)) == 1
 
 
-def test_a_small_read_keeps_delayed_acks() -> None:
+def test_a_small_read_keeps_delayed_acks_once_the_channels_run() -> None:
     assert quickack_after(socket.AF_INET, bytes(aio.BULK_READ - 1)) == 0
+
+
+def test_a_small_read_before_the_channels_start_is_acked_at_once() -> None:
+    assert quickack_after(socket.AF_INET, bytes(aio.BULK_READ - 1), channels_started=False) == 1
+    assert quickack_after(socket.AF_INET6, bytes(aio.BULK_READ - 1), channels_started=False) == 1
 
 
 def test_a_unix_socket_is_left_alone() -> None:
