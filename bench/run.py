@@ -223,8 +223,8 @@ def main() -> int:
         choices=("yes", "no"),
         default="no",
         help="conduitd's UsePrivilegeSeparation. Default no (the connection in the daemon, root connecting "
-        "itself, as sshd's post-auth process does as the user); yes, conduitd's default as root, has the "
-        "user's helper make every forwarded socket, which costs new connections per second",
+        "itself, as sshd's post-auth process does as the user); yes, conduitd's default as root, runs each "
+        "connection unprivileged, with the user's helper making its forwarded sockets (ahead, in batches)",
     )
     args = ap.parse_args()
     if args.quick:
