@@ -53,8 +53,8 @@ class _SocketSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         bridge = self.bridge
-        # The socket's last callback. Without this link the bridge and this side are not a reference cycle:
-        # a closed forward's objects are freed at once, not by a garbage collection pass.
+        # The socket's last callback. With this link gone the bridge and this side no longer hold each other, so a
+        # closed forward's objects are freed at once, not by a garbage collection pass.
         del self.bridge
         bridge.socket_lost()
 
