@@ -181,27 +181,33 @@ class ForwardHelper:
             self.close()
             return
         socks = [socket.socket(fileno=fd) for fd in fds]
+        taken = self._deliver(data, socks)
+        for sock in socks[taken:]:  # none, from our own helper; a reply that carries more leaks nothing
+            sock.close()
+
+    def _deliver(self, data: bytes, socks: list[socket.socket]) -> int:
+        """Hand one reply to the request that waits for it; returns how many of ``socks`` it took."""
         try:
             reply = json.loads(data)
             if "exited" in reply:
                 process = self._processes.pop(int(reply["exited"]), None)
                 if process is not None:
                     process.exited(int(reply["returncode"]))
-                return
+                return 0
             fut = self._pending.get(int(reply["id"]))
         except (ValueError, KeyError, TypeError):
             fut = None
         if fut is None or fut.done():
-            for sock in socks:
-                sock.close()
-            return
+            return 0
         for sock in socks:
             sock.setblocking(False)
         if reply.get("batch"):
             fut.set_result(socks)
-        elif socks:
+            return len(socks)
+        if socks:
             fut.set_result(socks[0])
-        elif reply.get("pid"):
+            return 1
+        if reply.get("pid"):
             process = HelperProcess(self, int(reply["pid"]))
             self._processes[process.pid] = process
             fut.set_result(process)
@@ -209,6 +215,7 @@ class ForwardHelper:
             code = int(reply.get("errno") or errno.EIO)
             name_error = str(reply.get("name_error") or "")
             fut.set_exception(socket.gaierror(code, name_error) if name_error else OSError(code, os.strerror(code)))
+        return 0
 
     async def connect_tcp(self, host: str, port: int) -> socket.socket:
         family = _numeric_family(host)

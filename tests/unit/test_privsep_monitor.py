@@ -1,14 +1,22 @@
 """The privsep monitor's answers: it signs without handing out the key, and it grants a user's helper only after
-it verified a login itself (a query, or a signature over another session id, is not one)."""
+it verified a login itself (a query, or a signature over another session id, is not one). And the server's end of
+a user's helper keeps only the descriptors it asked for."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import getpass
 import json
+import os
 import socket
+import warnings
 from pathlib import Path
 
+import pytest
+
+from sshconduit import privsep
 from sshconduit.auth import publickey_signed_data
 from sshconduit.crypto import keys
 from sshconduit.policy import ServerPolicy
@@ -61,3 +69,35 @@ def test_monitor_verifies_logins_itself(tmp_path: Path) -> None:
             theirs.close()
 
     asyncio.run(run())
+
+
+def test_forward_helper_closes_descriptors_a_reply_carries_beyond_its_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply to a one-socket request carries one descriptor; any more that a reply brings are closed at once,
+    not left to the garbage (a helper runs as the user, so its replies are not trusted to be well formed)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monkeypatch.setattr(privsep, "helper_source", lambda: ours)
+    credentials = privsep.Credentials(getpass.getuser(), os.getuid(), os.getgid(), (), "/")
+
+    async def run() -> socket.socket:
+        helper = privsep.ForwardHelper(credentials)
+        try:
+            request = asyncio.ensure_future(helper.connect_unix("/nowhere"))
+            asked = json.loads(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(theirs, 65536), 5))
+            reply = json.dumps({"id": asked["id"], "errno": 0}).encode()
+            with contextlib.ExitStack() as sent:
+                socks = [sent.enter_context(socket.socket()) for _ in range(3)]
+                socket.send_fds(theirs, [reply], [s.fileno() for s in socks])
+            return await asyncio.wait_for(request, 5)
+        finally:
+            helper.close()
+
+    theirs.setblocking(False)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with asyncio.run(run()) as received:
+                assert received.type == socket.SOCK_STREAM
+            gc.collect()
+        assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    finally:
+        theirs.close()
