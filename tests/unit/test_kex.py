@@ -10,11 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
 
 from sshconduit.crypto import kex
 from sshconduit.errors import KexError, ProtocolError
+
+# pyca on an OpenSSL before 3.5 has no ML-KEM, and then the hybrid is not offered (see the test of that below)
+NEEDS_MLKEM = pytest.mark.skipif(not kex.mlkem_available(), reason="this cryptography's OpenSSL has no ML-KEM")
 
 CTX = kex.ExchangeContext(
     client_version=b"SSH-2.0-conduit_test",
@@ -60,7 +64,7 @@ def run_pair(name: str) -> tuple[kex.KexOutcome, kex.KexOutcome, bytes, bytes]:
 
 
 def test_algorithm_lists_follow_openssh_order() -> None:
-    assert kex.DEFAULT_KEX_ALGORITHMS == (
+    assert kex.offered_methods(with_mlkem=True) == (
         "mlkem768x25519-sha256",
         "curve25519-sha256",
         "curve25519-sha256@libssh.org",
@@ -70,8 +74,22 @@ def test_algorithm_lists_follow_openssh_order() -> None:
         "diffie-hellman-group16-sha512",
         "diffie-hellman-group18-sha512",
         "diffie-hellman-group14-sha256",
+        "diffie-hellman-group14-sha1",
     )
+    assert kex.offered_methods(kex.mlkem_available()) == kex.KEX_ALGORITHMS
     assert (*kex.DEFAULT_KEX_ALGORITHMS, "diffie-hellman-group14-sha1") == kex.KEX_ALGORITHMS
+
+
+def test_a_cryptography_without_ml_kem_leaves_the_hybrid_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyca built on an OpenSSL before 3.5 (its wheels before 48) has the mlkem module but refuses the key
+    def refuse() -> None:
+        raise UnsupportedAlgorithm("ML-KEM-768 is not supported by this backend.")
+
+    monkeypatch.setattr(mlkem.MLKEM768PrivateKey, "generate", staticmethod(refuse))
+    assert not kex.mlkem_available()
+    offered = kex.offered_methods(with_mlkem=False)
+    assert offered[0] == "curve25519-sha256"
+    assert offered == tuple(name for name in kex.offered_methods(with_mlkem=True) if "mlkem" not in name)
 
 
 def test_unknown_method_is_refused() -> None:
@@ -100,7 +118,7 @@ def test_pair_agrees(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "hash_name"),
     [
-        ("mlkem768x25519-sha256", "sha256"),
+        pytest.param("mlkem768x25519-sha256", "sha256", marks=NEEDS_MLKEM),
         ("curve25519-sha256", "sha256"),
         ("ecdh-sha2-nistp384", "sha384"),
         ("ecdh-sha2-nistp521", "sha512"),
@@ -298,6 +316,7 @@ def test_nist_rejects_bad_points() -> None:
 # --- mlkem768x25519-sha256 ---
 
 
+@NEEDS_MLKEM
 def test_mlkem_hybrid_client_against_hand_server() -> None:
     """K = string(SHA-256(ML-KEM secret || X25519 secret)); C_INIT = pk || x25519; S_REPLY = ct || x25519."""
     client = kex.start_client_kex("mlkem768x25519-sha256", CTX)
@@ -317,6 +336,7 @@ def test_mlkem_hybrid_client_against_hand_server() -> None:
     assert outcome.exchange_hash == expected_h
 
 
+@NEEDS_MLKEM
 def test_mlkem_hybrid_server_against_hand_client() -> None:
     mlkem_key = mlkem.MLKEM768PrivateKey.generate()
     x_key = x25519.X25519PrivateKey.generate()
@@ -332,6 +352,7 @@ def test_mlkem_hybrid_server_against_hand_client() -> None:
     assert outcome.shared_secret == ssh_string(hashlib.sha256(mlkem_secret + x_secret).digest())
 
 
+@NEEDS_MLKEM
 @pytest.mark.parametrize("length", [0, 32, 1184, 1184 + 31, 1184 + 33, 1088 + 32])
 def test_mlkem_hybrid_client_public_length(length: int) -> None:
     server = kex.start_server_kex("mlkem768x25519-sha256", CTX, HOST_KEY, fake_sign)
@@ -339,6 +360,7 @@ def test_mlkem_hybrid_client_public_length(length: int) -> None:
         server.handle_init(b"\x1e" + ssh_string(b"\x09" * length))
 
 
+@NEEDS_MLKEM
 @pytest.mark.parametrize("length", [0, 32, 1088, 1088 + 31, 1088 + 33, 1184 + 32])
 def test_mlkem_hybrid_server_reply_length(length: int) -> None:
     client = kex.start_client_kex("mlkem768x25519-sha256", CTX)
@@ -346,6 +368,7 @@ def test_mlkem_hybrid_server_reply_length(length: int) -> None:
         client.handle_reply(b"\x1f" + ssh_string(HOST_KEY) + ssh_string(b"\x09" * length) + ssh_string(b"s"))
 
 
+@NEEDS_MLKEM
 def test_mlkem_hybrid_rejects_invalid_encapsulation_key_and_zero_x25519() -> None:
     good_x = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
     good_pk = mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw()

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
 
@@ -311,7 +312,24 @@ _METHODS: dict[str, _Agreement] = {
     "diffie-hellman-group14-sha1": _Dh("sha1", 2048),
 }
 
-KEX_ALGORITHMS: tuple[str, ...] = tuple(_METHODS)  # supported, in OpenSSH 9.9's preference order
+
+def mlkem_available() -> bool:
+    """Whether pyca's OpenSSL does ML-KEM (3.5 and later: pyca's own wheels from 48 on). A cryptography built on
+    an older OpenSSL has the module but refuses the key, so the hybrid is then not offered, as by an OpenSSH
+    built without it; offering it would end the first exchange with a peer that chose it."""
+    try:
+        mlkem.MLKEM768PrivateKey.generate()
+    except UnsupportedAlgorithm:
+        return False
+    return True
+
+
+def offered_methods(with_mlkem: bool) -> tuple[str, ...]:
+    """The methods this build can run, in OpenSSH 9.9's preference order."""
+    return tuple(name for name in _METHODS if with_mlkem or not name.startswith("mlkem"))
+
+
+KEX_ALGORITHMS: tuple[str, ...] = offered_methods(mlkem_available())  # supported
 DEFAULT_KEX_ALGORITHMS: tuple[str, ...] = tuple(
     name for name in KEX_ALGORITHMS if name != "diffie-hellman-group14-sha1"
 )
