@@ -9,12 +9,7 @@ if ! command -v ssh >/dev/null || ! [ -x /usr/sbin/sshd ] || ! command -v ssh-ag
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssh-client openssh-server >/dev/null
 fi
 
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,speed]'
-# An editable install runs src as it is: byte-compile it once here. Python would at the first import, but
-# not where PYTHONDONTWRITEBYTECODE is set, and then every conduit and conduitd start compiles it again.
-.venv/bin/python -m compileall -q src >/dev/null
+./scripts/install.sh '.[test,speed]'
 
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
