@@ -179,14 +179,10 @@ class SSHConnection(asyncio.Protocol):
             if self.last_received >= self._path_rtt_due and self._tcp_socket is not None:
                 self._path_rtt_due = self.last_received + PATH_RTT_INTERVAL
                 self.channels.path_rtt = tcp_min_rtt(self._tcp_socket)
-        try:
-            self._handle_events(self.core.receive_data(data))
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-        except SSHError as exc:
-            self.abort(exc)
-        finally:
-            self._flush()
+        self._step(self._receive, data)
+
+    def _receive(self, data: bytes) -> None:
+        self._handle_events(self.core.receive_data(data))
 
     def eof_received(self) -> bool:
         return False
@@ -266,6 +262,29 @@ class SSHConnection(asyncio.Protocol):
         self.schedule_flush()
 
     # --- closing ---
+
+    def _step(self, step: Callable[[Any], None], arg: Any) -> None:
+        """Run one step of the core, then write what it queued. Whatever goes wrong in it closes this connection
+        alone, with a DISCONNECT where one can still be sent: the peer's error, or an error of ours."""
+        try:
+            step(arg)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except SSHError as exc:
+            self.abort(exc)
+        except Exception:  # a bug, or input that got past every check: not asyncio's "Fatal error" and a reset
+            self._internal_error()
+        finally:
+            self._flush()
+
+    def _internal_error(self) -> None:
+        # One line, the exception's name and message on it (cli.logs); the traceback at debug level (-ddd, -vvv).
+        log.exception("Disconnecting %s port %d: internal error", *self.peername)
+        self.close_reason = ProtocolError("internal error")
+        try:
+            self.core.disconnect(DisconnectReason.PROTOCOL_ERROR, "internal error")  # as OpenSSH's fatal exits
+        except Exception:  # the core cannot even seal a packet: the socket closes without one (_flush)
+            log.debug("no DISCONNECT could be sealed", exc_info=True)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         who = f"authenticating user {exc.user} " if isinstance(exc, auth.TooManyAuthFailures) else ""
@@ -447,15 +466,8 @@ class SSHConnection(asyncio.Protocol):
         self._after_auth_check(lambda: self.server_auth.account_checked(check, ok))  # type: ignore[union-attr]
 
     def _after_auth_check(self, answer: Callable[[], list[object]]) -> None:
-        if self.core.closed:
-            return
-        try:
-            self._server_auth_events(answer())
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-        except SSHError as exc:
-            self.abort(exc)
-        self._flush()
+        if not self.core.closed:
+            self._step(lambda answer: self._server_auth_events(answer()), answer)
 
     async def _check_password(self, check: auth.PasswordCheck) -> None:
         """A blocking password check (PAM, crypt, the privsep monitor) in a thread; a failure takes at least
