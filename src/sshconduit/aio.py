@@ -10,6 +10,7 @@ forward's next CHANNEL_OPEN or OPEN_CONFIRMATION), as OpenSSH batches a channel'
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import os
@@ -370,11 +371,7 @@ class SSHConnection(asyncio.Protocol):
         self._handle_events(self.core.accept_host_key())
 
     def _kex_complete(self, event: KexComplete) -> None:
-        seconds = self.core.config.rekey_seconds
-        if seconds > 0:  # as OpenSSH, the time limit counts from each exchange's end
-            if self._rekey_timer:
-                self._rekey_timer.cancel()
-            self._rekey_timer = self.loop.call_later(seconds, self._rekey_due)
+        self._arm_rekey_timer()  # as OpenSSH, the time limit counts from each exchange's end
         if not event.initial:
             return
         if self.role is Role.SERVER:
@@ -388,6 +385,21 @@ class SSHConnection(asyncio.Protocol):
             )
         if not self.kex_done.done():
             self.kex_done.set_result(None)
+
+    def _arm_rekey_timer(self) -> None:
+        if self._rekey_timer:
+            self._rekey_timer.cancel()
+            self._rekey_timer = None
+        if self.core.config.rekey_seconds > 0:
+            self._rekey_timer = self.loop.call_later(self.core.config.rekey_seconds, self._rekey_due)
+
+    def set_rekey_limit(self, limit: tuple[int | None, int | None]) -> None:
+        """RekeyLimit's (bytes, seconds) for this connection from now on; a time limit counts from now."""
+        config = copy.copy(self.core.config)  # a server's connections share theirs
+        config.set_rekey_limit(limit)
+        if (config.rekey_bytes, config.rekey_seconds) != (self.core.config.rekey_bytes, self.core.config.rekey_seconds):
+            self.core.config = config
+            self._arm_rekey_timer()
 
     def _rekey_due(self) -> None:
         self._rekey_timer = None

@@ -59,6 +59,7 @@ class ServerPolicy:
     authentication_methods: Sequence[str] = ("any",)  # AuthenticationMethods lists (authmethods.py)
     client_alive_interval: int = 0
     client_alive_count_max: int = 3
+    rekey_limit: tuple[int | None, int | None] = (None, None)  # RekeyLimit bytes, seconds; applied after auth
     permit_empty_passwords: bool = False
     pubkey_accepted_algorithms: Sequence[str] = ()  # empty: every algorithm the key type has
     # sessions

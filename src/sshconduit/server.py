@@ -201,6 +201,7 @@ def make_server_connection(options: ServerOptions) -> SSHConnection:
     conn.core.ext_info[messages.OPEN_DATA_EXTENSION] = b"0"  # open_channel writes a forward's open data
 
     def authenticated() -> None:
+        conn.set_rekey_limit(policy.rekey_limit)  # Match resolved for the user: as sshd, from here on
         if policy.chroot_directory is None or handler.enter_chroot(conn):
             keepalive.start(conn, policy.client_alive_interval, policy.client_alive_count_max)
 

@@ -78,16 +78,18 @@ def read_banners(cfg: ServerConfig) -> dict[str, str]:
 def server_options(
     cfg: ServerConfig, host_keys: list[keys.PrivateKey], trusted_keys: Sequence[keys.PublicKey] = ()
 ) -> ServerOptions:
+    transport = TransportConfig(
+        kex_algorithms=cfg.kex_algorithms,
+        host_key_algorithms=cfg.host_key_algorithms,
+        ciphers=cfg.ciphers,
+        macs=cfg.macs,
+    )
+    transport.set_rekey_limit(cfg.rekey_limit)  # a Match block's applies after auth (server.py)
     return ServerOptions(
         listen=cfg.listen_endpoints(),
         host_keys=host_keys,
         policy=policy_from_config(cfg, trusted_keys),
-        transport=TransportConfig(
-            kex_algorithms=cfg.kex_algorithms,
-            host_key_algorithms=cfg.host_key_algorithms,
-            ciphers=cfg.ciphers,
-            macs=cfg.macs,
-        ),
+        transport=transport,
         max_auth_tries=cfg.max_auth_tries,
         login_grace_time=float(cfg.login_grace_time or 1e9),
         permit_tty=True,  # per connection: PermitTTY is in the policy, so Match can change it

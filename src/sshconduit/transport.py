@@ -61,6 +61,11 @@ class TransportConfig:
         self.macs = tuple(a for a in self.macs if a in protection.MACS)
         self.host_key_algorithms = tuple(a for a in self.host_key_algorithms if a in SIGNATURE_ALGORITHMS)
 
+    def set_rekey_limit(self, limit: tuple[int | None, int | None]) -> None:
+        """RekeyLimit's (bytes, seconds) as ssh_config and sshd_config give it; None is the default."""
+        self.rekey_bytes = limit[0] or limits.DEFAULT_REKEY_BYTES
+        self.rekey_seconds = float(limit[1] or 0)
+
 
 DEFAULT_HOST_KEY_ALGORITHMS = (
     "ssh-ed25519",

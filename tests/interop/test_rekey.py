@@ -79,3 +79,25 @@ def test_conduit_rekeys_after_rekey_limit_time(keyset, openssh_server):
         _, log = stream_digest(argv)
     # at about 1, 2 and 3 s; none without the time limit (nothing is sent, so no volume rekey either)
     assert log.count("debug1: rekeying") >= 2
+
+
+def test_conduitd_rekeys_at_its_rekey_limit(big_file, keyset, conduitd_server):
+    """sshd_config's RekeyLimit, main section: conduitd starts the exchanges (it used to ignore the keyword)."""
+    path, expected = big_file
+    with conduitd_server("RekeyLimit 16M\n") as daemon:
+        argv = ssh_argv(keyset, daemon.port, f"{USER}@127.0.0.1", f"cat {shlex.quote(str(path))}")
+        argv[argv.index("LogLevel=ERROR")] = "LogLevel=DEBUG1"
+        digest, log = stream_digest(argv)
+    assert digest == expected
+    # the first exchange's, then conduitd's: 200 MiB at 16 MiB a key, fewer for what is in flight meanwhile
+    assert log.count("SSH2_MSG_KEXINIT received") >= 7
+
+
+def test_conduitd_applies_a_match_blocks_rekey_limit_after_auth(keyset, conduitd_server):
+    """RekeyLimit's time from a Match block for the user: a session that sends nothing is rekeyed by conduitd."""
+    with conduitd_server(f"Match User {USER}\n  RekeyLimit default 1\n") as daemon:
+        argv = ssh_argv(keyset, daemon.port, f"{USER}@127.0.0.1", "sleep 3.5")
+        argv[argv.index("LogLevel=ERROR")] = "LogLevel=DEBUG1"
+        _, log = stream_digest(argv)
+    # the first exchange's, then at about 1, 2 and 3 s after auth; only the first without the Match block
+    assert log.count("SSH2_MSG_KEXINIT received") >= 3

@@ -215,6 +215,27 @@ def test_match_applies_only_to_matching_user_in_dump(tmp_path, keyset):
             assert f"maxsessions {sessions}" in lines, (argv, spec)
 
 
+def test_rekey_limit_in_the_dump_agrees_with_sshd(tmp_path, keyset):
+    """RekeyLimit, main section and Match, as ``sshd -T -C`` prints it (bytes and seconds, 0 for the default)."""
+    config = tmp_path / "cfg"
+    config.write_text(
+        f"HostKey {keyset.host_keys['ed25519']}\nPidFile none\nRekeyLimit 1G 1h\n"
+        "Match User alice\n  RekeyLimit 64K none\nMatch User bob\n  RekeyLimit default 30m\n"
+    )
+    for spec, expected in (
+        ("user=alice,host=h,addr=127.0.0.1", "rekeylimit 65536 3600"),  # "none": the main section's time
+        ("user=bob,host=h,addr=127.0.0.1", "rekeylimit 0 1800"),
+        ("user=carol,host=h,addr=127.0.0.1", "rekeylimit 1073741824 3600"),
+    ):
+        for argv in (
+            ["python3", "-m", "sshconduit.cli.conduitd", "-T", "-C", spec, "-f", str(config)],
+            ["/usr/sbin/sshd", "-T", "-C", spec, "-f", str(config)],
+        ):
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env_with_src())
+            assert result.returncode == 0, result.stderr
+            assert expected in result.stdout.splitlines(), (argv[0], spec)
+
+
 # --- the pieces, without a daemon ---
 
 

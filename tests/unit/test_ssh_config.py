@@ -259,7 +259,9 @@ def test_ignore_unknown_and_clear_forwardings(tmp_path: Path) -> None:
         ("Host\n", "line 1: Missing argument."),
         ("User\n", "line 1: Missing argument."),
         ("EscapeChar ab\n", "line 1: Bad escape character."),
-        ("RekeyLimit 1x\n", "line 1: Bad number '1x'"),
+        ("RekeyLimit 1x\n", "line 1: Bad number '1x': Invalid argument"),  # ssh's words, and below
+        ("RekeyLimit none\n", "line 1: Bad number 'none': Invalid argument"),
+        ("RekeyLimit default default\n", "line 1: invalid time value."),
         ("ControlPersist 3q\n", "line 1: Bad ControlPersist argument."),
         ("Port 1 2\n", "line 1: keyword Port extra arguments at end of line"),
         ('User "unterminated\n', "line 1: invalid quotes"),

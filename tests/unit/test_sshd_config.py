@@ -200,6 +200,9 @@ def test_unsupported_keywords_warn_with_file_and_line() -> None:
         ("ListenAddress 1.2.3.4:99999\n", "line 1: bad port number"),
         ("Ciphers aes128-ctr,nope\n", "line 1: Bad SSH2 cipher spec 'aes128-ctr,nope'."),
         ("MACs +nope\n", "line 1: Bad SSH2 MAC spec '+nope'."),
+        ("RekeyLimit none\n", "line 1: Bad RekeyLimit number 'none': Invalid argument"),  # sshd's words
+        ("RekeyLimit default default\n", "line 1: invalid time value."),
+        ("RekeyLimit 12\n", "line 1: RekeyLimit too small"),
         ("PermitOpen host\n", 'line 1: invalid value for PermitOpen: "host"'),
         ("StreamLocalBindMask 0800\n", "line 1: Invalid StreamLocalBindMask."),
         ("Subsystem sftp /a\nSubsystem sftp /b\n", "line 2: Subsystem 'sftp' already defined."),

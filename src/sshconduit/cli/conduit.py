@@ -147,10 +147,7 @@ def build_options(inv: Invocation, cfg: ClientConfig) -> ClientOptions:
         ciphers=cfg.cipher_preference,
         macs=cfg.macs,
     )
-    if cfg.rekey_limit[0]:
-        transport.rekey_bytes = cfg.rekey_limit[0]
-    if cfg.rekey_limit[1]:
-        transport.rekey_seconds = cfg.rekey_limit[1]
+    transport.set_rekey_limit(cfg.rekey_limit)
     methods = list(cfg.preferred_authentications)
     if not cfg.pubkey_authentication:
         methods = [m for m in methods if m != "publickey"]

@@ -90,6 +90,28 @@ def parse_time(text: str) -> int | None:
     return sum(int(n) * _TIME_UNITS[unit.lower()] for n, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", text))
 
 
+def parse_rekey_limit(args: list[str], bad_number: str = "Bad number") -> tuple[int | None, int | None]:
+    """RekeyLimit's ``size [time]``, as ssh and sshd read it: bytes, None for ``default``; seconds, None when not
+    given or ``none`` (no limit, or in an sshd Match block the main section's). Raises LineError in their words
+    (sshd's ``bad_number`` is "Bad RekeyLimit number")."""
+    if not 1 <= len(args) <= 2:
+        raise LineError("Missing argument." if not args else "keyword RekeyLimit extra arguments at end of line")
+    size: int | None = None
+    if args[0].lower() != "default":
+        found = re.fullmatch(r"([0-9]+)([KMGkmg]?)", args[0])
+        if found is None:
+            raise LineError(f"{bad_number} '{args[0]}': Invalid argument")
+        size = int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
+        if size < 16:
+            raise LineError("RekeyLimit too small")
+    seconds: int | None = None
+    if len(args) == 2 and args[1].lower() != "none":
+        seconds = parse_time(args[1])
+        if seconds is None:
+            raise LineError("invalid time value.")
+    return size, seconds
+
+
 def parse_flag(text: str, *, true_false: bool = False) -> bool | None:
     """yes/no (and true/false where ssh accepts them); None when neither."""
     lowered = text.lower()

@@ -23,7 +23,7 @@ from ..crypto.ciphers import CLIENT_CIPHERS
 from ..errors import ConfigError
 from .algorithms import ALGORITHM_KEYWORDS, apply_algorithm_spec
 from .forward_spec import ForwardSpec, parse_forward
-from .lexer import ConfigLine, LineError, parse_flag, parse_time, read_config_lines
+from .lexer import ConfigLine, LineError, parse_flag, parse_rekey_limit, parse_time, read_config_lines
 from .patterns import match_hostname, match_pattern_list
 
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
@@ -464,23 +464,7 @@ def _escape_char(line: ConfigLine, state: _ResolveState) -> str | None:
 
 
 def _rekey_limit(line: ConfigLine, state: _ResolveState) -> tuple[int | None, int | None]:
-    args = line.args
-    if not 1 <= len(args) <= 2:
-        raise LineError("Missing argument." if not args else "keyword RekeyLimit extra arguments at end of line")
-    size: int | None = None
-    if args[0].lower() not in ("default", "none"):
-        found = re.fullmatch(r"([0-9]+)([KMGkmg]?)", args[0])
-        if found is None:
-            raise LineError(f"Bad number '{args[0]}'")
-        size = int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
-        if size < 16:
-            raise LineError("RekeyLimit too small")
-    seconds: int | None = None
-    if len(args) == 2 and args[1].lower() not in ("default", "none"):
-        seconds = parse_time(args[1])
-        if seconds is None:
-            raise LineError("invalid time value.")
-    return size, seconds
+    return parse_rekey_limit(line.args)
 
 
 def _control_persist(line: ConfigLine, state: _ResolveState) -> str:

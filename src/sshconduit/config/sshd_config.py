@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .algorithms import ALGORITHM_KEYWORDS, apply_algorithm_spec
-from .lexer import ConfigLine, LineError, parse_flag, parse_time, read_config_lines
+from .lexer import ConfigLine, LineError, parse_flag, parse_rekey_limit, parse_time, read_config_lines
 from .patterns import match_address, match_hostname, match_pattern_list
 
 SSHD_CONFIG_DIR = "/etc/ssh"  # where relative Include paths point, as in sshd
@@ -81,6 +81,7 @@ class ServerConfig:
     ciphers: tuple[str, ...] = ALGORITHM_KEYWORDS["ciphers"][0]
     macs: tuple[str, ...] = ALGORITHM_KEYWORDS["macs"][0]
     kex_algorithms: tuple[str, ...] = ALGORITHM_KEYWORDS["kexalgorithms"][0]
+    rekey_limit: tuple[int | None, int | None] = (None, None)  # bytes, seconds; None: the default
     host_key_algorithms: tuple[str, ...] = ALGORITHM_KEYWORDS["hostkeyalgorithms"][0]
     pubkey_accepted_algorithms: tuple[str, ...] = ALGORITHM_KEYWORDS["pubkeyacceptedalgorithms"][0]
     strict_modes: bool = True
@@ -130,6 +131,8 @@ class ServerConfig:
             if _block_matches(block, context):
                 for line in block.lines:
                     _apply_line(line, values, in_match=True)
+        if "rekey_limit" in values and values["rekey_limit"][1] is None:  # sshd: a time not given keeps the main one
+            values["rekey_limit"] = (values["rekey_limit"][0], self.rekey_limit[1])
         return dataclasses.replace(self, **values)
 
     def match_values(self, attr: str) -> list[Any]:
@@ -716,6 +719,12 @@ _OPTIONS: dict[str, _Option] = {
     "MACs": _Option("macs", _algorithms("macs")),
     "KexAlgorithms": _Option("kex_algorithms", _algorithms("kexalgorithms")),
     "HostKeyAlgorithms": _Option("host_key_algorithms", _algorithms("hostkeyalgorithms")),
+    "RekeyLimit": _Option(
+        "rekey_limit",
+        lambda line: parse_rekey_limit(line.args, "Bad RekeyLimit number"),
+        in_match=True,
+        dump=lambda v, cfg: [f"{v[0] or 0} {v[1] or 0}"],
+    ),
     "PubkeyAcceptedAlgorithms": _Option(
         "pubkey_accepted_algorithms", _algorithms("pubkeyacceptedalgorithms"), in_match=True
     ),
@@ -754,7 +763,7 @@ AllowAgentForwarding AuthorizedKeysCommand AuthorizedKeysCommandUser AuthorizedP
 AuthorizedPrincipalsCommandUser AuthorizedPrincipalsFile CASignatureAlgorithms ChannelTimeout
 ExposeAuthInfo GSSAPIAuthentication HostbasedAcceptedAlgorithms HostbasedAcceptedKeyTypes
 HostbasedAuthentication HostbasedUsesNameFromPacketOnly IgnoreRhosts IPQoS KerberosAuthentication
-PermitTunnel PermitUserRC PubkeyAuthOptions RDomain RekeyLimit RevokedKeys SetEnv TrustedUserCAKeys
+PermitTunnel PermitUserRC PubkeyAuthOptions RDomain RevokedKeys SetEnv TrustedUserCAKeys
 UnusedConnectionTimeout X11DisplayOffset X11UseLocalhost
 """
 _UNSUPPORTED_NAMES = """
