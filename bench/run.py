@@ -117,6 +117,13 @@ def _has_module(name: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
 
 
+PEER_MODULES = ("asyncssh", "sshtunnel")  # the Python peers, from the bench extra: pip install -e '.[bench]'
+
+
+def missing_peers() -> list[str]:
+    return [name for name in PEER_MODULES if not _has_module(name)]
+
+
 def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
     user = getpass.getuser()
     key = keys / "id_ed25519"
@@ -167,7 +174,7 @@ def congestion_control() -> str:
     return f", TCP congestion control {name}"
 
 
-def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
+def markdown(results: dict, args: argparse.Namespace, elapsed: float, missing: list[str]) -> str:
     lines = [
         "# Benchmark results",
         "",
@@ -180,6 +187,8 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float) -> str:
         "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
         "|---|" + "---|" * (len(COLUMNS) + 2),
     ]
+    if missing:
+        lines[4:4] = [f"Left out, not installed: {', '.join(missing)} (`pip install -e '.[bench]'`).", ""]
     for name, r in results.items():
         cells = [str(r.get(k, "-")) for k, _, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('halfclose_ok', '-')} | {r.get('error', '')} |")
@@ -232,6 +241,11 @@ def main() -> int:
     # conduit and conduitd run from src: byte-compile it first, as pip does for an installed package (and
     # as Python's first import does, unless PYTHONDONTWRITEBYTECODE is set); else every start compiles it again.
     compileall.compile_dir(str(ROOT / "src"), quiet=1)
+    missing = missing_peers()
+    if missing:  # said, not silent: the comparison needs them
+        print(
+            f"bench/run.py: left out, not installed: {', '.join(missing)} (pip install -e '.[bench]')", file=sys.stderr
+        )
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.ExitStack() as stack:
         keys = Path(tmp)
         ports = start_servers(keys, stack, args.privsep)
@@ -250,7 +264,7 @@ def main() -> int:
         return 1
     results = json.loads(proc.stdout)
     print(json.dumps(results, indent=1))
-    Path(args.output).write_text(markdown(results, args, elapsed))
+    Path(args.output).write_text(markdown(results, args, elapsed, missing))
     print(f"wrote {args.output}")
     return proc.returncode
 
