@@ -394,12 +394,14 @@ class SSHConnection(asyncio.Protocol):
             self._rekey_timer = self.loop.call_later(self.core.config.rekey_seconds, self._rekey_due)
 
     def set_rekey_limit(self, limit: tuple[int | None, int | None]) -> None:
-        """RekeyLimit's (bytes, seconds) for this connection from now on; a time limit counts from now."""
-        config = copy.copy(self.core.config)  # a server's connections share theirs
+        """RekeyLimit's (bytes, seconds) for this connection from now on; a changed time limit counts from now."""
+        old = self.core.config
+        config = copy.copy(old)  # a server's connections share theirs
         config.set_rekey_limit(limit)
-        if (config.rekey_bytes, config.rekey_seconds) != (self.core.config.rekey_bytes, self.core.config.rekey_seconds):
+        if (config.rekey_bytes, config.rekey_seconds) != (old.rekey_bytes, old.rekey_seconds):
             self.core.config = config
-            self._arm_rekey_timer()
+            if config.rekey_seconds != old.rekey_seconds:
+                self._arm_rekey_timer()
 
     def _rekey_due(self) -> None:
         self._rekey_timer = None
