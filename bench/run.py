@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
+import functools
 import getpass
 import json
 import os
@@ -113,6 +114,7 @@ def start_conduitd(keys: Path, stack: contextlib.ExitStack, privsep: str, port: 
     return port
 
 
+@functools.cache  # asked by start_servers, tunnels and missing_peers: one interpreter start per module
 def _has_module(name: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
 
