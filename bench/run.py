@@ -4,6 +4,7 @@
 Starts the servers on loopback with throwaway keys (OpenSSH sshd, conduitd, an AsyncSSH server), runs
 ../shared/bench/tunnelbench.py once over every tunnel, interleaved round by round, and writes
 bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and conduit/AsyncSSH from that one run.
+ssh->sshd (aes128-gcm) runs twice in each round, so the run also shows how far one tunnel moves between slots.
 
     python3 bench/run.py                 # full run (512 MiB streams, 3 rounds)
     python3 bench/run.py --quick         # 64 MiB streams, 1 round: a smoke test of every tunnel
