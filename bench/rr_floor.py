@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import os
 import select
 import socket
@@ -34,7 +33,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import run
 
@@ -45,14 +43,6 @@ FRAME = struct.Struct("!cII")  # kind, connection id, payload length
 LENGTH = struct.Struct("!I")
 OPEN, CONFIRM, DATA, EOF, CLOSE = b"O", b"K", b"D", b"E", b"C"
 READ = 256 * 1024
-
-
-def load_tunnelbench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tunnelbench", run.TUNNELBENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- the floor forwarder's two halves
@@ -304,16 +294,12 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=2000, help="connections per rr round")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    tb = load_tunnelbench()
+    tb = run.load_tunnelbench()
     with tempfile.TemporaryDirectory(prefix="rr-floor-") as tmp, contextlib.ExitStack() as stack:
         keys = Path(tmp)
         ports = run.start_servers(keys, stack)
         templates = run.tunnels(keys, ports)
-        serve = [sys.executable, str(run.TUNNELBENCH), "--serve"]  # the destination tunnelbench starts for itself
-        destination = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
-        stack.callback(destination.kill)
-        assert destination.stdout is not None
-        dport = int(destination.stdout.readline())
+        dport = run.start_destination(stack)
         forwarded: dict[str, int] = {}
         for name in ("openssh/gcm", "conduit-conduitd/gcm"):
             tunnel = tb.Tunnel(name, templates[name], dport)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Compare conduit/conduitd against OpenSSH, AsyncSSH and Paramiko (sshtunnel) in ONE tunnelbench run.
 
-Starts the servers on loopback with throwaway keys (OpenSSH sshd, conduitd, an AsyncSSH server), runs
-../shared/bench/tunnelbench.py once over every tunnel, interleaved round by round, and writes
-bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and conduit/AsyncSSH from that one run.
-ssh->sshd (aes128-gcm) runs twice in each round, so the run also shows how far one tunnel moves between slots.
+Starts the servers on loopback with throwaway keys (OpenSSH sshd, conduitd, an AsyncSSH server), runs the
+workloads of ../shared/bench/tunnelbench.py (its destination, tunnels and measurements, imported) over every tunnel,
+interleaved round by round, and writes bench/RESULTS.md: medians per tunnel and the ratios conduit/OpenSSH and
+conduit/AsyncSSH from that one run. Each round takes the tunnels in another order (turned and, every other round,
+reversed), where tunnelbench's own loop keeps one order: where a tunnel sits in a round, and what ran just before
+it, moves its figures. ssh->sshd (aes128-gcm) runs twice in each round, so the run also shows how far one tunnel
+moves between slots.
 
     python3 bench/run.py                 # full run (512 MiB streams, 3 rounds)
     python3 bench/run.py --quick         # 64 MiB streams, 1 round: a smoke test of every tunnel
@@ -18,16 +21,20 @@ import compileall
 import contextlib
 import functools
 import getpass
+import importlib.util
 import json
 import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,6 +43,7 @@ TUNNELBENCH = SHARED / "bench" / "tunnelbench.py"
 PEERS = SHARED / "bench" / "peers"
 GCM = "aes128-gcm@openssh.com"
 NOISE_TUNNEL = "openssh-again/gcm"  # openssh/gcm measured twice in one run
+RR_CONNECTIONS, CONC_CONNECTIONS, CONC_BYTES = 300, 50, 2 << 20  # tunnelbench's defaults: --rr, --conns, --conn-bytes
 COLUMNS = [
     ("setup_s", "setup s", False),
     ("up_MBps", "up MB/s", True),
@@ -163,6 +171,82 @@ def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
     return out
 
 
+def load_tunnelbench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("tunnelbench", TUNNELBENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_destination(stack: contextlib.ExitStack) -> int:
+    """tunnelbench's destination server (echo, upload, download, ...), as tunnelbench starts it; returns its port."""
+    destination = subprocess.Popen([sys.executable, str(TUNNELBENCH), "--serve"], stdout=subprocess.PIPE, text=True)
+    stack.callback(destination.kill)
+    assert destination.stdout is not None
+    return int(destination.stdout.readline())
+
+
+T = TypeVar("T")
+
+
+def round_order(items: list[T], rnd: int, rounds: int) -> list[T]:
+    """The tunnels in round ``rnd``: turned by an even share of the list each round and reversed every other
+    round, so over the run each tunnel sits early and late and follows different tunnels."""
+    shift = rnd * len(items) // max(rounds, 1)
+    order = items[shift:] + items[:shift]
+    return order[::-1] if rnd % 2 else order
+
+
+def measure(tb: ModuleType, tunnel: Any, nbytes: int, figures: dict[str, list]) -> None:
+    """One round of tunnelbench's workloads over ``tunnel``, in its order and rounded as it rounds them."""
+    tunnel.start()
+    try:
+        if tunnel.setup_s is not None:
+            figures.setdefault("setup_s", []).append(round(tunnel.setup_s, 4))
+        port = tunnel.port
+        figures.setdefault("up_MBps", []).append(round(tb.w_up(port, nbytes), 1))
+        figures.setdefault("down_MBps", []).append(round(tb.w_down(port, nbytes), 1))
+        figures.setdefault("rr_conn_per_s", []).append(round(tb.w_rr(port, RR_CONNECTIONS), 1))
+        figures.setdefault("conc_MBps", []).append(round(tb.w_conc(port, CONC_CONNECTIONS, CONC_BYTES), 1))
+        figures.setdefault("halfclose_ok", []).append(tb.w_halfclose(port))
+    finally:
+        tunnel.stop()
+
+
+def run_rounds(templates: dict[str, str], rounds: int, nbytes: int, stack: contextlib.ExitStack) -> dict[str, dict]:
+    """Every tunnel in every round, direct first and the others in round_order; medians per tunnel. A tunnel
+    that fails keeps what it measured before, with the error, and is not run again (as tunnelbench does)."""
+    tb = load_tunnelbench()
+    dport = start_destination(stack)
+    direct, *others = [tb.Tunnel("direct", None, dport)] + [tb.Tunnel(n, t, dport) for n, t in templates.items()]
+    figures: dict[str, dict[str, list]] = {t.name: {} for t in (direct, *others)}
+    errors: dict[str, str] = {}
+    for rnd in range(rounds):
+        for tunnel in (direct, *round_order(others, rnd, rounds)):
+            if tunnel.name in errors:
+                continue
+            try:
+                measure(tb, tunnel, nbytes, figures[tunnel.name])
+            except Exception as exc:  # said in the results; the other tunnels go on
+                errors[tunnel.name] = f"round {rnd}: {exc}"
+    return medians(figures, errors)
+
+
+def medians(figures: dict[str, dict[str, list]], errors: dict[str, str]) -> dict[str, dict]:
+    """The median of each figure; halfclose true only if true in every round; the error, if any."""
+    out: dict[str, dict] = {}
+    for name, values in figures.items():
+        out[name] = {k: all(v) if k == "halfclose_ok" else _median(k, v) for k, v in values.items()}
+        if name in errors:
+            out[name]["error"] = errors[name]
+    return out
+
+
+def _median(key: str, values: list[float]) -> float:
+    return round(statistics.median(values), 4 if key == "setup_s" else 1)  # tunnelbench's own rounding
+
+
 def ratio(a: dict, b: dict, key: str, higher_better: bool) -> str:
     if key not in a or key not in b or not b[key] or not a[key]:
         return "-"
@@ -187,7 +271,8 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float, missing: l
         f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
         f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         f"{congestion_control()}. "
-        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), medians; tunnelbench from ../shared/bench; "
+        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), each in another order, medians; tunnelbench from "
+        "../shared/bench; "
         "src byte-compiled first, as an installed package is.",
         "",
         "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
@@ -227,7 +312,7 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float, missing: l
     if NOISE_TUNNEL in results and "openssh/gcm" in results:
         lines += [
             "",
-            f"{NOISE_TUNNEL} is openssh/gcm run again, later in each round. Its row is what the same "
+            f"{NOISE_TUNNEL} is openssh/gcm run again, in another slot of each round. Its row is what the same "
             "tunnel measures in another slot of the same run: a ratio that differs from 1.00x by less than that "
             "row does is within this run's noise.",
         ]
@@ -267,20 +352,13 @@ def main() -> int:
         if args.only:
             prefixes = tuple(args.only.split(","))
             chosen = {k: v for k, v in chosen.items() if k.startswith(prefixes)}
-        cmd = [sys.executable, str(TUNNELBENCH), "--rounds", str(args.rounds), "--bytes", str(args.bytes)]
-        for name, template in chosen.items():
-            cmd += ["--tunnel", f"{name}={template}"]
         started = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        results = run_rounds(chosen, args.rounds, args.bytes, stack)
         elapsed = time.monotonic() - started
-    if not proc.stdout.strip():
-        print(proc.stderr, file=sys.stderr)
-        return 1
-    results = json.loads(proc.stdout)
     print(json.dumps(results, indent=1))
     Path(args.output).write_text(markdown(results, args, elapsed, missing))
     print(f"wrote {args.output}")
-    return proc.returncode
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":
