@@ -200,8 +200,8 @@ def round_order(items: list[T], rnd: int, rounds: int) -> list[T]:
 
 def measure(tb: ModuleType, tunnel: Any, nbytes: int, figures: dict[str, list]) -> None:
     """One round of tunnelbench's workloads over ``tunnel``, in its order and rounded as it rounds them."""
-    tunnel.start()
     try:
+        tunnel.start()  # inside: a tunnel that never got ready may still be running
         if tunnel.setup_s is not None:
             figures.setdefault("setup_s", []).append(round(tunnel.setup_s, 4))
         port = tunnel.port
@@ -271,9 +271,8 @@ def markdown(results: dict, args: argparse.Namespace, elapsed: float, missing: l
         f"One run of `python3 bench/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s) on "
         f"{platform.node()}: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         f"{congestion_control()}. "
-        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), each in another order, medians; tunnelbench from "
-        "../shared/bench; "
-        "src byte-compiled first, as an installed package is.",
+        f"Streams of {args.bytes >> 20} MiB, {args.rounds} round(s), each in another order, medians; "
+        "tunnelbench from ../shared/bench; src byte-compiled first, as an installed package is.",
         "",
         "| tunnel | " + " | ".join(c[1] for c in COLUMNS) + " | halfclose | error |",
         "|---|" + "---|" * (len(COLUMNS) + 2),

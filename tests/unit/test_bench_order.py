@@ -64,7 +64,7 @@ def test_a_failing_tunnel_keeps_its_rounds_and_the_others_go_on(monkeypatch) -> 
             self.setup_s = 0.1 if self.template else None
 
         def stop(self) -> None:
-            pass
+            stopped.append(self.name)
 
     class Bench:
         pass
@@ -76,10 +76,12 @@ def test_a_failing_tunnel_keeps_its_rounds_and_the_others_go_on(monkeypatch) -> 
     bench.w_conc = lambda port, conns, each: float(port)  # type: ignore[attr-defined]
     bench.w_halfclose = lambda port: True  # type: ignore[attr-defined]
     started: dict[str, list[str]] = {}
+    stopped: list[str] = []
     monkeypatch.setattr(run, "load_tunnelbench", lambda: bench)
     monkeypatch.setattr(run, "start_destination", lambda stack: 7)
     results = run.run_rounds({"good": "fine", "bad": "breaks in round 1"}, 3, 1, None)  # type: ignore[arg-type]
     assert started == {"direct": ["ok"] * 3, "good": ["ok"] * 3, "bad": ["ok", "failed"]}
+    assert sorted(stopped) == ["bad"] * 2 + ["direct"] * 3 + ["good"] * 3  # the failed start too
     assert results["good"] == {
         "setup_s": 0.1, "up_MBps": 7.0, "down_MBps": 7.0, "rr_conn_per_s": 7.0, "conc_MBps": 7.0, "halfclose_ok": True
     }  # fmt: skip
