@@ -58,8 +58,13 @@ def plain_payload(chunk: bytes) -> bytes:
 
 
 def plain_msg_id(chunk: bytes) -> int | None:
-    """Message number of an unencrypted packet chunk; None for the version line."""
-    return None if chunk.startswith(b"SSH-") else chunk[5]
+    """Message number of an unencrypted packet chunk; None for the version line and for an encrypted packet (a
+    hook also sees what the peer sends after its NEWKEYS): a MAC or tag follows the packet, or, with
+    chacha20-poly1305, the length is encrypted, so the length field does not match the chunk. Else the encrypted
+    byte where the number would be is 31 once in 256 handshakes, and a hook rewrites the wrong packet."""
+    if chunk.startswith(b"SSH-") or int.from_bytes(chunk[:4], "big") + 4 != len(chunk):
+        return None
+    return chunk[5]
 
 
 class Pair:
