@@ -149,7 +149,7 @@ def tunnels(keys: Path, ports: dict[str, int]) -> dict[str, str]:
         out[f"openssh/{label}"] = f"{ssh} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
         out[f"conduit-sshd/{label}"] = f"{conduit} {cipher} -p {ports['sshd']} {fwd} {user}@127.0.0.1"
         out[f"ssh-conduitd/{label}"] = f"{ssh} {cipher} -p {ports['conduitd']} {fwd} {user}@127.0.0.1"
-        if label == "gcm":  # the same tunnel again, later in each round: the run's own noise (markdown says so)
+        if label == "gcm":  # the same tunnel again, in another slot of each round: the run's own noise (markdown)
             out[NOISE_TUNNEL] = out["openssh/gcm"]
     if "conduitd-privsep" in ports:
         out["conduit-conduitd-privsep/gcm"] = (
@@ -219,7 +219,8 @@ def run_rounds(templates: dict[str, str], rounds: int, nbytes: int, stack: conte
     that fails keeps what it measured before, with the error, and is not run again (as tunnelbench does)."""
     tb = load_tunnelbench()
     dport = start_destination(stack)
-    direct, *others = [tb.Tunnel("direct", None, dport)] + [tb.Tunnel(n, t, dport) for n, t in templates.items()]
+    direct = tb.Tunnel("direct", None, dport)
+    others = [tb.Tunnel(name, template, dport) for name, template in templates.items()]
     figures: dict[str, dict[str, list]] = {t.name: {} for t in (direct, *others)}
     errors: dict[str, str] = {}
     for rnd in range(rounds):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
 _spec = importlib.util.spec_from_file_location("bench_run", RUN)
@@ -66,15 +67,12 @@ def test_a_failing_tunnel_keeps_its_rounds_and_the_others_go_on(monkeypatch) -> 
         def stop(self) -> None:
             stopped.append(self.name)
 
-    class Bench:
-        pass
+    def figure(port: int, *sizes: int) -> float:
+        return float(port)
 
-    bench = Bench()
-    bench.Tunnel = Tunnel  # type: ignore[attr-defined]
-    for name in ("w_up", "w_down", "w_rr"):
-        setattr(bench, name, lambda port, n: float(port))
-    bench.w_conc = lambda port, conns, each: float(port)  # type: ignore[attr-defined]
-    bench.w_halfclose = lambda port: True  # type: ignore[attr-defined]
+    bench = SimpleNamespace(
+        Tunnel=Tunnel, w_up=figure, w_down=figure, w_rr=figure, w_conc=figure, w_halfclose=lambda port: True
+    )
     started: dict[str, list[str]] = {}
     stopped: list[str] = []
     monkeypatch.setattr(run, "load_tunnelbench", lambda: bench)
