@@ -313,8 +313,7 @@ def main() -> int:
                 raise SystemExit(f"{name}: no reply through the forward")
         rates: dict[str, list[float]] = {name: [] for name in forwarded}
         for i in range(args.rounds):
-            order = list(forwarded.items())
-            for name, port in order if i % 2 == 0 else reversed(order):
+            for name, port in run.round_order(list(forwarded.items()), i, args.rounds):
                 rates[name].append(tb.w_rr(port, args.connections))
     base = statistics.median(rates["openssh/gcm"])
     print(f"rr, {args.rounds} rounds of {args.connections} connections, {os.cpu_count()} cores; medians:")
