@@ -200,15 +200,19 @@ def round_order(items: list[T], rnd: int, rounds: int) -> list[T]:
 
 def measure(tb: ModuleType, tunnel: Any, nbytes: int, figures: dict[str, list]) -> None:
     """One round of tunnelbench's workloads over ``tunnel``, in its order and rounded as it rounds them."""
+
+    def record(key: str, value: float) -> None:
+        figures.setdefault(key, []).append(_rounded(key, value))
+
     try:
         tunnel.start()  # inside: a tunnel that never got ready may still be running
         if tunnel.setup_s is not None:
-            figures.setdefault("setup_s", []).append(round(tunnel.setup_s, 4))
+            record("setup_s", tunnel.setup_s)
         port = tunnel.port
-        figures.setdefault("up_MBps", []).append(round(tb.w_up(port, nbytes), 1))
-        figures.setdefault("down_MBps", []).append(round(tb.w_down(port, nbytes), 1))
-        figures.setdefault("rr_conn_per_s", []).append(round(tb.w_rr(port, RR_CONNECTIONS), 1))
-        figures.setdefault("conc_MBps", []).append(round(tb.w_conc(port, CONC_CONNECTIONS, CONC_BYTES), 1))
+        record("up_MBps", tb.w_up(port, nbytes))
+        record("down_MBps", tb.w_down(port, nbytes))
+        record("rr_conn_per_s", tb.w_rr(port, RR_CONNECTIONS))
+        record("conc_MBps", tb.w_conc(port, CONC_CONNECTIONS, CONC_BYTES))
         figures.setdefault("halfclose_ok", []).append(tb.w_halfclose(port))
     finally:
         tunnel.stop()
@@ -245,7 +249,12 @@ def medians(figures: dict[str, dict[str, list]], errors: dict[str, str]) -> dict
 
 
 def _median(key: str, values: list[float]) -> float:
-    return round(statistics.median(values), 4 if key == "setup_s" else 1)  # tunnelbench's own rounding
+    return _rounded(key, statistics.median(values))  # the median of two rounds is a mean: to the same digits
+
+
+def _rounded(key: str, value: float) -> float:
+    """To the digits tunnelbench rounds each round's figure to."""
+    return round(value, 4 if key == "setup_s" else 1)
 
 
 def ratio(a: dict, b: dict, key: str, higher_better: bool) -> str:

@@ -1,4 +1,4 @@
-"""bench/run.py's round order and how it merges tunnelbench's one-round results."""
+"""bench/run.py's round order, the medians it takes of each round's figures, and its rounds over tunnelbench."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_medians() -> None:
     assert merged["direct"] == {"up_MBps": 20.0}
     assert merged["a"] == {"setup_s": 0.2, "up_MBps": 2.0, "halfclose_ok": False}
     assert merged["b"] == {"up_MBps": 2.5, "error": "round 2: tunnel exited with 255"}
-    assert run.medians({"a": {"setup_s": [0.11111, 0.2]}}, {})["a"]["setup_s"] == 0.1556  # as tunnelbench rounds
+    assert run.medians({"a": {"setup_s": [0.11111, 0.2]}}, {})["a"]["setup_s"] == 0.1556  # a round's digits
 
 
 def test_a_failing_tunnel_keeps_its_rounds_and_the_others_go_on(monkeypatch) -> None:
